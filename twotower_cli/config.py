@@ -1,0 +1,272 @@
+"""Configuration dataclasses that check themselves.
+
+`ModelConfig` uses the checkpoint's own NemotronH field names so that a released `config.json`
+loads without translation. `DecodeParams` holds one row's decoding settings (SPEC.md §5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LAYER_KINDS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
+MODES = ("diffusion", "mock-ar", "ar")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a valid model or run."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 131072
+    hidden_size: int = 2688
+    num_hidden_layers: int = 52
+    hybrid_override_pattern: str = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
+    # attention
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 2
+    head_dim: int = 128
+    attention_bias: bool = False
+    # mamba-2
+    mamba_num_heads: int = 64
+    mamba_head_dim: int = 64
+    ssm_state_size: int = 128
+    n_groups: int = 8
+    conv_kernel: int = 4
+    chunk_size: int = 128
+    use_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    # moe / mlp
+    n_routed_experts: int = 128
+    num_experts_per_tok: int = 6
+    moe_intermediate_size: int = 1856
+    n_shared_experts: int = 1
+    moe_shared_expert_intermediate_size: int = 3712
+    intermediate_size: int = 1856
+    mlp_hidden_act: str = "relu2"
+    mlp_bias: bool = False
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.5
+    # misc
+    layer_norm_epsilon: float = 1e-5
+    bos_token_id: int = 1
+    eos_token_id: int | list[int] = 2
+    pad_token_id: int = 0
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 262144
+    rope_theta: float | None = None  # present in released configs, unused: the model is NoPE
+    torch_dtype: str = "bfloat16"
+    # Fields of config.json that we do not interpret, kept so that save_pretrained round-trips them.
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        p = self.hybrid_override_pattern
+        bad = sorted(set(p) - set(LAYER_KINDS))
+        if bad:
+            raise ConfigError(f"hybrid_override_pattern has unknown layer kinds {bad}; allowed: M * E -")
+        if len(p) != self.num_hidden_layers:
+            raise ConfigError(
+                f"hybrid_override_pattern has {len(p)} layers but num_hidden_layers is {self.num_hidden_layers}"
+            )
+        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "layer_norm_epsilon")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if "*" in p:
+            if self.num_attention_heads % self.num_key_value_heads:
+                raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
+        if "M" in p:
+            if self.mamba_num_heads % self.n_groups:
+                raise ConfigError("mamba_num_heads must be a multiple of n_groups")
+            if self.conv_kernel < 2:
+                raise ConfigError("conv_kernel must be at least 2")
+        if "E" in p and not 0 < self.num_experts_per_tok <= self.n_routed_experts:
+            raise ConfigError("num_experts_per_tok must be in 1..n_routed_experts")
+        if self.mlp_hidden_act != "relu2":
+            raise ConfigError(f"mlp_hidden_act {self.mlp_hidden_act!r} is not supported (only relu2)")
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def layer_kinds(self) -> list[str]:
+        return [LAYER_KINDS[c] for c in self.hybrid_override_pattern]
+
+    @property
+    def d_inner(self) -> int:
+        return self.mamba_num_heads * self.mamba_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.d_inner + 2 * self.n_groups * self.ssm_state_size
+
+    @property
+    def eos_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return list(e) if isinstance(e, (list, tuple)) else [e]
+
+    # ---- presets -------------------------------------------------------------------------------
+    @classmethod
+    def nemotron_3_nano_30b_a3b(cls) -> ModelConfig:
+        """The released per-tower values (SPEC.md §2 table)."""
+        return cls()
+
+    @classmethod
+    def tiny(cls, vocab_size: int = 256) -> ModelConfig:
+        """A small config with every layer kind, for tests and the embedded model."""
+        return cls(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            num_hidden_layers=6,
+            hybrid_override_pattern="M*EM-E",
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            mamba_num_heads=4,
+            mamba_head_dim=16,
+            ssm_state_size=16,
+            n_groups=2,
+            conv_kernel=4,
+            chunk_size=8,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=64,
+            moe_shared_expert_intermediate_size=64,
+            intermediate_size=128,
+            max_position_embeddings=4096,
+            torch_dtype="float32",
+        )
+
+    PRESETS = {"nemotron-3-nano-30b-a3b": "nemotron_3_nano_30b_a3b", "tiny": "tiny"}
+
+    @classmethod
+    def preset(cls, name: str) -> ModelConfig:
+        key = name.replace("_", "-").lower()
+        if key not in cls.PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(cls.PRESETS)}")
+        return getattr(cls, cls.PRESETS[key])()
+
+    # ---- (de)serialisation ---------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = dict(d)
+        # Aliases used by some NemotronH configs.
+        aliases = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_chunk_size": "chunk_size",
+                   "mamba_conv_bias": "use_conv_bias", "dtype": "torch_dtype"}
+        for a, b in aliases.items():
+            if a in d and b not in d:
+                d[b] = d.pop(a)
+        if "hybrid_override_pattern" in d and "num_hidden_layers" not in d:
+            d["num_hidden_layers"] = len(d["hybrid_override_pattern"])
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        extra = {k: v for k, v in d.items() if k not in known}
+        try:
+            return cls(**kwargs, extra=extra)
+        except TypeError as e:  # wrong value types surface as TypeError in comparisons
+            raise ConfigError(f"invalid config: {e}") from None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> ModelConfig:
+        p = Path(path)
+        f = p / "config.json" if p.is_dir() else p
+        if not f.is_file():
+            raise ConfigError(f"no config.json in {p}")
+        try:
+            d = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"unreadable config {f}: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"config {f} is not a JSON object")
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out = dict(self.extra)
+        out.update(d)
+        out.setdefault("model_type", "nemotron_h")
+        return out
+
+    # ---- parameter counts (no weights allocated) -------------------------------------------------
+    def layer_params(self, kind: str, active: bool = False) -> int:
+        H = self.hidden_size
+        n = H  # the layer's pre-norm
+        if kind == "mamba":
+            proj = 2 * self.d_inner + 2 * self.n_groups * self.ssm_state_size + self.mamba_num_heads
+            n += H * proj + (self.mamba_proj_bias and proj or 0)
+            n += self.conv_dim * self.conv_kernel + (self.conv_dim if self.use_conv_bias else 0)
+            n += 3 * self.mamba_num_heads + self.d_inner  # dt_bias, A_log, D, gated norm
+            n += self.d_inner * H + (self.mamba_proj_bias and H or 0)
+        elif kind == "attention":
+            q = self.num_attention_heads * self.head_dim
+            kv = self.num_key_value_heads * self.head_dim
+            n += H * (q + 2 * kv) + q * H
+        elif kind == "moe":
+            experts = self.num_experts_per_tok if active else self.n_routed_experts
+            n += self.n_routed_experts * H + self.n_routed_experts  # router + correction bias
+            n += experts * 2 * H * self.moe_intermediate_size
+            n += self.n_shared_experts * 2 * H * self.moe_shared_expert_intermediate_size
+        elif kind == "mlp":
+            n += 2 * H * self.intermediate_size
+        return n
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameters per tower, both towers with the adaLN-single, and active per token.
+
+        Active parameters exclude the input embedding (a lookup, not a matmul), the usual convention;
+        the released card's "3.2B active" is counted that way.
+        """
+        H, V = self.hidden_size, self.vocab_size
+        layers = sum(self.layer_params(k) for k in self.layer_kinds)
+        active_layers = sum(self.layer_params(k, active=True) for k in self.layer_kinds)
+        head = 0 if self.tie_word_embeddings else V * H
+        tower = V * H + layers + H + head
+        adaln = (256 * H + H) + (H * H + H) + (H * 3 * H + 3 * H) + self.num_hidden_layers * 3 * H
+        active = active_layers + H + V * H
+        return {
+            "params_per_tower": tower,
+            "params_adaln": adaln,
+            "params_total": 2 * tower + adaln,
+            "active_params_per_token": active,
+            "active_params_per_token_with_embeddings": active + V * H,
+        }
+
+
+@dataclass
+class DecodeParams:
+    """How one row is decoded (SPEC.md §5). Every field may be overridden per row."""
+
+    mode: str = "diffusion"
+    gamma: float = 0.8  # confidence_threshold
+    block_size: int = 16
+    steps_per_block: int = 16
+    temperature: float = 0.0
+    max_new_tokens: int = 128
+    seed: int = 0
+    mask_token_id: int = 3
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("gamma", "temperature"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"{name} must be a finite number, got {v!r}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ConfigError(f"gamma must be in [0, 1], got {self.gamma}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        for name in ("block_size", "steps_per_block", "max_new_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("seed", "mask_token_id"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
+
+    def replace(self, **changes: Any) -> DecodeParams:
+        return dataclasses.replace(self, **changes)
