@@ -527,7 +527,10 @@ class TwoTower(nn.Module):
         h = self.context_tower.extend(ids.to(dev), state, None if n_valid is None else n_valid.to(dev), scan)
         if not logits:
             return None
-        last = (n_valid.to(dev) - 1) if n_valid is not None else torch.full((ids.shape[0],), ids.shape[1] - 1, device=dev)
+        if n_valid is None:
+            last = torch.full((ids.shape[0],), ids.shape[1] - 1, device=dev)
+        else:
+            last = n_valid.to(dev) - 1
         hl = h[torch.arange(h.shape[0], device=dev), last]  # (B, H)
         return self.context_lm_head(hl).float()
 
@@ -552,6 +555,33 @@ class TwoTower(nn.Module):
         dev = self.denoiser_tower.embeddings.weight.device
         mod = self.modulation(t.to(dev)) if t is not None else None
         return self.lm_head(self.denoiser_tower.denoise(ids.to(dev), state, mod, scan)).float()
+
+    # -- the release's generation API (served by the streamlined engine) -----------------------
+    def generate_mask_diffusion(self, input_ids, max_new_tokens: int = 128, block_size: int = 16,
+                                steps_per_block: int = 16, mask_token_id: int = 3, temperature: float = 0.0,
+                                confidence_threshold: float = 0.8, eos_token_id=None, **kw):
+        """Block-wise mask diffusion (SPEC.md §5). Returns prompt + generated ids per row."""
+        from ..engine.api import generate
+
+        return generate(self, input_ids, "diffusion", max_new_tokens=max_new_tokens, block_size=block_size,
+                        steps_per_block=steps_per_block, mask_token_id=mask_token_id, temperature=temperature,
+                        confidence_threshold=confidence_threshold, eos_token_id=eos_token_id, **kw)
+
+    def generate_mock_ar(self, input_ids, max_new_tokens: int = 128, temperature: float = 0.0,
+                         eos_token_id=None, **kw):
+        """One token per step through the denoiser, without time conditioning."""
+        from ..engine.api import generate
+
+        return generate(self, input_ids, "mock-ar", max_new_tokens=max_new_tokens, temperature=temperature,
+                        eos_token_id=eos_token_id, **kw)
+
+    def generate_ar(self, input_ids, max_new_tokens: int = 128, temperature: float = 0.0,
+                    eos_token_id=None, **kw):
+        """The context tower alone, token by token."""
+        from ..engine.api import generate
+
+        return generate(self, input_ids, "ar", max_new_tokens=max_new_tokens, temperature=temperature,
+                        eos_token_id=eos_token_id, **kw)
 
     # -- dtype ----------------------------------------------------------------------------------
     FP32_PARAMS = ("A_log", "D", "dt_bias", "e_score_correction_bias", "gate.weight")

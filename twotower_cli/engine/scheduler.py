@@ -1,0 +1,254 @@
+"""Block-granular continuous batching: which rows denoise, which commit, and refilling free slots.
+
+Every row is its own state machine: prefill -> [denoise steps -> commit] ... -> done. One engine
+step is
+
+    denoise   one batched denoiser forward for all rows mid-block (per (S, T) group), then the
+              vectorised commit rule; mock-AR rows get their next token from the same tower
+    commit    one batched context-tower forward per token count: diffusion rows whose block just
+              completed read S tokens, AR / mock-AR rows read one
+    retire    rows that hit EOS or their limit leave at once; their slots are refilled from the
+              request stream with one batched prefill
+
+so rows at different blocks, with different prompt lengths and settings, share every forward, and
+one slow row never stalls the others.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..config import DecodeParams
+from ..model.twotower import TwoTower
+from .cache import SlotPool
+from .decode import choose, commit_mask
+from .request import Request, Result
+
+
+@dataclass
+class _Row:
+    req: Request
+    slot: int
+    started: float
+    out: list[int] = field(default_factory=list)
+    xt: Tensor | None = None  # diffusion: the block being denoised (S,)
+    k: int = 0  # diffusion: step within the block
+    last: int = -1  # mock-AR: the committed token the context has not read yet
+    nfe: int = 0
+    ctx: int = 0
+    blocks: int = 0
+    finished: str | None = None
+
+    @property
+    def p(self) -> DecodeParams:
+        return self.req.params
+
+
+def finish_tokens(out: list[int], max_new: int, eos: set[int]) -> tuple[list[int], str]:
+    """Cut at max_new tokens, then after the first EOS (kept)."""
+    out = out[:max_new]
+    for i, t in enumerate(out):
+        if t in eos:
+            return out[: i + 1], "eos"
+    return out, "length"
+
+
+class Engine:
+    """Decode a stream of `Request`s; `run` yields each `Result` as soon as its row finishes."""
+
+    def __init__(self, model: TwoTower, *, max_batch_rows: int = 32, eos_ids: Iterable[int] | None = None,
+                 scan: str = "chunked", capacity: int = 256):
+        if max_batch_rows < 1:
+            raise ValueError("max_batch_rows must be at least 1")
+        self.model = model
+        self.max_batch_rows = max_batch_rows
+        self.eos = set(model.config.eos_ids if eos_ids is None else eos_ids)
+        self.scan = scan
+        self.capacity = capacity
+        self.device = model.context_lm_head.weight.device
+
+    # ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, requests: Iterable[Request]) -> Iterator[Result]:
+        source = iter(requests)
+        pool = SlotPool(self.model, self.max_batch_rows, self.capacity)
+        rows: list[_Row] = []  # rows[i].slot == i
+        exhausted = False
+        while True:
+            if not exhausted and pool.free():
+                new = []
+                for req in source:
+                    self._check(req)
+                    new.append(req)
+                    if len(new) == pool.free():
+                        break
+                else:
+                    exhausted = True
+                if new:
+                    rows.extend(self._admit(new, pool))
+            if not rows:
+                if exhausted:
+                    return
+                continue
+            if not any(r.finished for r in rows):
+                self._step(rows, pool)
+            done = [r for r in rows if r.finished]
+            if done:
+                moved = pool.release([r.slot for r in done])
+                keep = [r for r in rows if not r.finished]
+                for r in keep:
+                    r.slot = moved.get(r.slot, r.slot)
+                rows = sorted(keep, key=lambda r: r.slot)
+                for r in done:
+                    yield self._result(r)
+
+    def _check(self, req: Request) -> None:
+        if not req.prompt_ids:
+            raise ValueError(f"row {req.id!r}: empty prompt")
+        V = self.model.config.vocab_size
+        if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= V:
+            raise ValueError(f"row {req.id!r}: token id outside the vocabulary (0..{V - 1})")
+
+    # ---------------------------------------------------------------------------------------------
+    def _admit(self, reqs: list[Request], pool: SlotPool) -> list[_Row]:
+        """One batched prefill for the new rows (ragged), then into free slots."""
+        now = time.perf_counter()
+        lens = [len(r.prompt_ids) - (1 if r.params.mode == "mock-ar" else 0) for r in reqs]
+        n = max(max(lens), 1)
+        ids = torch.zeros(len(reqs), n, dtype=torch.long)
+        for b, r in enumerate(reqs):
+            ids[b, : lens[b]] = torch.tensor(r.prompt_ids[: lens[b]], dtype=torch.long)
+        state = self.model.new_state(len(reqs))
+        want = any(r.params.mode == "ar" for r in reqs)
+        logits = self.model.context_extend(ids.to(self.device), state, n_valid=torch.tensor(lens, device=self.device),
+                                           logits=want, scan=self.scan)
+        slots = pool.admit(state)
+        rows = [_Row(req=r, slot=s, started=now, ctx=1) for r, s in zip(reqs, slots)]
+        for row in rows:
+            if row.p.mode == "diffusion":
+                row.xt = torch.full((row.p.block_size,), row.p.mask_token_id, dtype=torch.long)
+            elif row.p.mode == "mock-ar":
+                row.last = row.req.prompt_ids[-1]
+        ar = [b for b, r in enumerate(rows) if r.p.mode == "ar"]
+        if ar:
+            self._take_next([rows[b] for b in ar], logits[ar])
+        return rows
+
+    def _take_next(self, rows: list[_Row], logits: Tensor) -> None:
+        """AR / mock-AR: choose each row's next token from logits (B, V) and append it."""
+        step = torch.zeros(len(rows), dtype=torch.long, device=self.device)
+        pred, _ = choose(logits[:, None, :], *self._row_tensors(rows), self._pos(rows, 1), step)
+        for row, tok in zip(rows, pred[:, 0].tolist()):
+            row.out.append(tok)
+            if tok in self.eos or len(row.out) >= row.p.max_new_tokens:
+                row.finished = "done"
+
+    def _row_tensors(self, rows: list[_Row]) -> tuple[Tensor, Tensor, Tensor]:
+        temp = torch.tensor([r.p.temperature for r in rows], dtype=torch.float32, device=self.device)
+        seed = torch.tensor([r.p.seed for r in rows], dtype=torch.long, device=self.device)
+        key = torch.tensor([r.req.key for r in rows], dtype=torch.long, device=self.device)
+        return temp, seed, key
+
+    def _pos(self, rows: list[_Row], width: int) -> Tensor:
+        base = torch.tensor([len(r.out) for r in rows], dtype=torch.long, device=self.device)
+        return base[:, None] + torch.arange(width, device=self.device)
+
+    # ---------------------------------------------------------------------------------------------
+    def _step(self, rows: list[_Row], pool: SlotPool) -> None:
+        groups: dict[tuple, list[_Row]] = {}
+        for r in rows:
+            if r.p.mode == "diffusion":
+                groups.setdefault(("diffusion", r.p.block_size, r.p.mask_token_id), []).append(r)
+            elif r.p.mode == "mock-ar":
+                groups.setdefault(("mock-ar",), []).append(r)
+        commits: dict[int, list[_Row]] = {}  # token count -> rows that the context tower reads
+        for key, g in groups.items():
+            if key[0] == "diffusion":
+                for r in self._denoise_block(g, pool, key[1], key[2]):
+                    commits.setdefault(r.p.block_size, []).append(r)
+            else:
+                self._denoise_next(g, pool)
+                commits.setdefault(1, []).extend(r for r in g if not r.finished)
+        commits.setdefault(1, []).extend(r for r in rows if r.p.mode == "ar")
+        for n, g in commits.items():
+            if g:
+                self._commit(sorted(g, key=lambda r: r.slot), n, pool)
+
+    def _denoise_block(self, g: list[_Row], pool: SlotPool, S: int, mask: int) -> list[_Row]:
+        """One denoiser step for rows mid-block; returns the rows to commit (block completed)."""
+        state = pool.view([r.slot for r in g])
+        xt = torch.stack([r.xt for r in g]).to(self.device)  # (B, S)
+        masked = xt == mask
+        t = masked.float().mean(1)  # (B,) per row
+        logits = self.model.denoise(xt, state, t, scan=self.scan)  # (B, S, V)
+        logits[..., mask] = -float("inf")  # the mask id is never proposed
+        k = torch.tensor([r.k for r in g], device=self.device)
+        T = torch.tensor([r.p.steps_per_block for r in g], device=self.device)
+        gamma = torch.tensor([r.p.gamma for r in g], dtype=torch.float32, device=self.device)
+        pred, conf = choose(logits, *self._row_tensors(g), self._pos(g, S), k)
+        take = commit_mask(conf, masked, gamma, k, T)
+        xt = torch.where(take, pred, xt)
+        complete = ~(xt == mask).any(1)
+        to_commit = []
+        for r, x, c in zip(g, xt.cpu(), complete.tolist()):
+            r.xt, r.k, r.nfe = x, r.k + 1, r.nfe + 1
+            if c:
+                r.out.extend(x.tolist())
+                r.blocks += 1
+                r.xt, r.k = torch.full_like(x, mask), 0
+                cut = r.out[: r.p.max_new_tokens]
+                if len(r.out) >= r.p.max_new_tokens or any(tok in self.eos for tok in cut):
+                    r.finished = "done"
+                else:
+                    to_commit.append(r)
+        return to_commit
+
+    def _denoise_next(self, g: list[_Row], pool: SlotPool) -> None:
+        """Mock-AR: the denoiser reads each row's last token over the context of the rest."""
+        state = pool.view([r.slot for r in g])
+        last = torch.tensor([[r.last] for r in g], device=self.device)
+        logits = self.model.denoise(last, state, None, scan=self.scan)[:, 0]  # (B, V)
+        for r in g:
+            r.nfe += 1
+        self._take_next(g, logits)
+
+    def _commit(self, g: list[_Row], n: int, pool: SlotPool) -> None:
+        """One context-tower forward: diffusion rows read their block, AR/mock-AR rows one token."""
+        slots = [r.slot for r in g]
+        ids = []
+        for r in g:
+            if r.p.mode == "diffusion":
+                ids.append(torch.tensor(r.out[-n:], dtype=torch.long))
+            elif r.p.mode == "mock-ar":
+                ids.append(torch.tensor([r.last], dtype=torch.long))
+                r.last = r.out[-1]
+            else:
+                ids.append(torch.tensor([r.out[-1]], dtype=torch.long))
+        need = int(pool.state.lengths[: pool.n].max()) + n
+        state = pool.view(slots, need=need)
+        ar = [i for i, r in enumerate(g) if r.p.mode == "ar"]
+        logits = self.model.context_extend(torch.stack(ids).to(self.device), state, logits=bool(ar), scan=self.scan)
+        pool.write_back(slots, state)
+        for r in g:
+            r.ctx += 1
+        if ar:
+            self._take_next([g[i] for i in ar], logits[ar])
+
+    # ---------------------------------------------------------------------------------------------
+    def _result(self, r: _Row) -> Result:
+        p = r.p
+        tokens, reason = finish_tokens(r.out, p.max_new_tokens, self.eos)
+        steps = r.nfe if p.mode != "ar" else len(r.out)
+        stats = {
+            "mode": p.mode, "gamma": p.gamma, "block_size": p.block_size, "steps_per_block": p.steps_per_block,
+            "temperature": p.temperature, "seed": p.seed, "prompt_tokens": len(r.req.prompt_ids),
+            "completion_tokens": len(tokens), "decoded_tokens": len(r.out), "denoiser_steps": r.nfe,
+            "context_forwards": r.ctx, "tokens_per_step": len(tokens) / steps if steps else 0.0,
+            "blocks": r.blocks, "finish_reason": reason, "latency_s": time.perf_counter() - r.started,
+        }
+        return Result(id=r.req.id, tokens=tokens, stats=stats, meta=r.req.meta)
