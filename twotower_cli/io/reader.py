@@ -1,0 +1,330 @@
+"""Input rows: JSONL, OpenAI batch lines, Parquet or stdin -> `PromptRow` | `RejectedRow`.
+
+Streaming: one line (JSONL) or one record batch (Parquet) at a time, so memory stays flat whatever
+the file size; the only state that grows is the set of ids seen (needed to reject duplicates).
+A bad row never stops the read: it becomes a `RejectedRow` with a deterministic reason and the
+next row is read. Only a source that cannot be read at all raises `InputError`.
+
+Row rules (decided here, documented in README's input section):
+- JSONL: `prompt` (or `prompt_field`) text, or `messages` [{role, content}], not both. Blank lines
+  are skipped silently (they carry no row). Unknown keys are ignored: datasets carry extra columns.
+- A JSON `null` means "absent" (for the id and every override), because Parquet columns are null
+  for rows that do not set them and both formats must behave the same.
+- OpenAI batch lines are recognised per line by a `custom_id` key: the id is `custom_id`,
+  `body.messages`/`body.prompt` the prompt, `body.max_tokens` (or `max_completion_tokens`),
+  `body.temperature` and `body.seed` the overrides; other body fields are ignored.
+- Ids may be strings or integers (Parquet/HF datasets often use int ids); both become strings.
+- A row without an id gets `h-<24 hex>` = blake2b-96 of the canonical JSON of its prompt/messages
+  and overrides; the k-th repeat (k >= 1) of identical content gets `h-<hex>-<k>`. Identical
+  content is interchangeable, so numbering repeats in file order is stable on every rerun, and
+  editing other rows never changes a row's id (which keeps resume correct after input edits).
+- Duplicate ids (explicit, or explicit colliding with derived): the later row is rejected. A
+  rejected row does not claim its id.
+- `limit` counts input rows (good or rejected, blank lines excluded): "the first N rows".
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import ConfigError, DecodeParams
+from .schema import INT64_MAX, InputError, PromptRow, RejectedRow, SourceFormat
+
+__all__ = ["read_rows", "PromptRow", "RejectedRow", "InputError", "OVERRIDE_FIELDS", "MAX_LINE_BYTES"]
+
+OVERRIDE_FIELDS = ("gamma", "max_new_tokens", "temperature", "mode", "seed")
+MAX_LINE_BYTES = 16 << 20  # a longer line is rejected without being held in memory
+EXCERPT_CHARS = 200
+PARQUET_BATCH_ROWS = 1024
+_PARQUET_MAGIC = b"PAR1"
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class _Reject(Exception):
+    """Internal: carries a rejection reason (and the id, when one was valid) out of validation."""
+
+    def __init__(self, reason: str, row_id: str | None = None):
+        super().__init__(reason)
+        self.reason, self.row_id = reason, row_id
+
+
+def read_rows(
+    source: str | Path,
+    *,
+    prompt_field: str = "prompt",
+    id_field: str = "id",
+    limit: int | None = None,
+) -> Iterator[PromptRow | RejectedRow]:
+    """Yield every input row in order, valid or rejected. `source` is a path or "-" for stdin.
+
+    Raises InputError (one line, for exit code 2) when the source cannot be opened or is not a
+    readable Parquet file; that is checked eagerly, before the first row is requested.
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise InputError(f"limit must be a non-negative integer, got {limit!r}")
+    records = _open_records(source, prompt_field, id_field)
+    return _validate_all(records, prompt_field, id_field, limit)
+
+
+# ---- sources: yield (line_no, raw input, parsed dict | _Reject, format) --------------------------
+
+_Record = tuple[int, "bytes | dict[str, Any]", "dict[str, Any] | _Reject", SourceFormat]
+
+
+def _open_records(source: str | Path, prompt_field: str, id_field: str) -> Iterator[_Record]:
+    if str(source) == "-":
+        stream = getattr(sys.stdin, "buffer", sys.stdin)
+        if not hasattr(stream, "peek"):
+            stream = io.BufferedReader(stream)  # so the format can be sniffed without consuming it
+        head = stream.peek(4)[:4]
+        if head.startswith(_PARQUET_MAGIC):
+            # Parquet keeps its index at the end of the file, so it cannot be streamed from a pipe:
+            # spool to a temporary file (disk, not memory) and read that.
+            spool = tempfile.TemporaryFile(prefix="twotower-stdin-", suffix=".parquet")
+            shutil.copyfileobj(stream, spool, 1 << 20)
+            spool.seek(0)
+            return _parquet_records(spool, "<stdin>", prompt_field, id_field)
+        if head.startswith(_GZIP_MAGIC):
+            stream = gzip.GzipFile(fileobj=stream, mode="rb")
+        return _jsonl_records(stream, close=False)
+    path = Path(source)
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed by the generator that owns it
+        head = f.read(4)
+        f.seek(0)
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+    if head == _PARQUET_MAGIC or path.suffix.lower() in (".parquet", ".pq"):
+        return _parquet_records(f, str(path), prompt_field, id_field)
+    if head.startswith(_GZIP_MAGIC):
+        return _jsonl_records(gzip.GzipFile(fileobj=f, mode="rb"), close=True, owner=f)
+    return _jsonl_records(f, close=True)
+
+
+def _jsonl_records(f: IO[bytes], *, close: bool, owner: IO[bytes] | None = None) -> Iterator[_Record]:
+    try:
+        for line_no, line in enumerate(_lines(f), start=1):
+            if line is _TOO_LONG:
+                yield line_no, b"", _Reject(f"line longer than {MAX_LINE_BYTES} bytes"), "jsonl"
+                continue
+            if line_no == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]  # UTF-8 byte-order mark written by some editors
+            if not line.strip():
+                continue
+            try:
+                line.decode("utf-8")  # decoded here, not by orjson, for a precise reason
+            except UnicodeDecodeError as e:
+                yield line_no, line, _Reject(f"invalid UTF-8 at byte {e.start}"), "jsonl"
+                continue
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError as e:
+                yield line_no, line, _Reject(f"malformed JSON: {e}"), "jsonl"
+                continue
+            fmt: SourceFormat = "openai" if isinstance(obj, dict) and "custom_id" in obj else "jsonl"
+            yield line_no, line, obj if isinstance(obj, dict) else _Reject("not a JSON object"), fmt
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise InputError(f"error while reading input: {e}") from None
+    finally:
+        if close:
+            f.close()
+            if owner is not None:
+                owner.close()
+
+
+_TOO_LONG = b"\0too-long\0"  # sentinel object, compared by identity
+
+
+def _lines(f: IO[bytes]) -> Iterator[bytes]:
+    """Lines of a binary stream, each capped at MAX_LINE_BYTES (the rest is skipped, not stored)."""
+    while True:
+        line = f.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if isinstance(line, str):  # a text-mode stdin stand-in: already decoded
+            line = line.encode("utf-8", "surrogateescape")
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while True:  # drain the rest of the oversize line in bounded chunks
+                rest = f.readline(1 << 20)
+                if not rest or rest.endswith(b"\n" if isinstance(rest, bytes) else "\n"):
+                    break
+            yield _TOO_LONG
+            continue
+        yield line
+
+
+def _excerpt(raw: bytes | dict[str, Any]) -> str:
+    """Made only for rejected rows: good rows never pay for it."""
+    if isinstance(raw, dict):
+        return orjson.dumps(raw, default=str).decode()[:EXCERPT_CHARS]
+    return raw[: EXCERPT_CHARS * 4].decode("utf-8", "backslashreplace").rstrip("\r\n")[:EXCERPT_CHARS]
+
+
+def _parquet_records(f: IO[bytes], name: str, prompt_field: str, id_field: str) -> Iterator[_Record]:
+    try:
+        pf = pq.ParquetFile(f)
+    except (pa.ArrowException, OSError) as e:
+        f.close()
+        raise InputError(f"{name} is not a readable Parquet file: {e}") from None
+    cols = pf.schema_arrow.names
+    if prompt_field not in cols and "messages" not in cols:
+        f.close()
+        raise InputError(
+            f"{name} has no {prompt_field!r} or 'messages' column (columns: {', '.join(cols)}); "
+            "map one with --prompt-field"
+        )
+    wanted = [c for c in (prompt_field, "messages", id_field, *OVERRIDE_FIELDS) if c in cols]
+    return _parquet_rows(pf, f, name, list(dict.fromkeys(wanted)))
+
+
+def _parquet_rows(pf: pq.ParquetFile, f: IO[bytes], name: str, columns: list[str]) -> Iterator[_Record]:
+    row_no = 0
+    try:
+        # Column projection + record batches: memory is one batch of the needed columns only.
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+            for row in batch.to_pylist():
+                row_no += 1
+                yield row_no, row, row, "parquet"
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"{name}: cannot read row {row_no + 1}: {e}") from None
+    finally:
+        f.close()
+
+
+# ---- validation ----------------------------------------------------------------------------------
+
+
+def _validate_all(
+    records: Iterator[_Record], prompt_field: str, id_field: str, limit: int | None
+) -> Iterator[PromptRow | RejectedRow]:
+    if limit == 0:
+        return
+    seen: set[str] = set()
+    repeats: dict[str, int] = {}  # content hash -> occurrences so far (rows without an id only)
+    n = 0
+    for line_no, raw, obj, fmt in records:
+        yield _validate(line_no, raw, obj, fmt, prompt_field, id_field, seen, repeats)
+        n += 1
+        if limit is not None and n >= limit:
+            return  # before reading another line: with stdin, unread input stays unread
+
+
+def _validate(line_no, raw, obj, fmt, prompt_field, id_field, seen, repeats) -> PromptRow | RejectedRow:
+    if isinstance(obj, _Reject):
+        return RejectedRow(line_no, None, obj.reason, _excerpt(raw))
+    try:
+        row_id, prompt, messages, overrides = (
+            _openai_row(obj) if fmt == "openai" else _plain_row(obj, prompt_field, id_field)
+        )
+    except _Reject as r:
+        return RejectedRow(line_no, r.row_id, r.reason, _excerpt(raw))
+    if row_id is None:
+        h = _content_hash(prompt, messages, overrides)
+        k = repeats.get(h, 0)
+        repeats[h] = k + 1
+        row_id = f"h-{h}" if k == 0 else f"h-{h}-{k}"
+    if row_id in seen:
+        return RejectedRow(line_no, row_id, "duplicate id", _excerpt(raw))
+    seen.add(row_id)
+    return PromptRow(row_id, line_no, prompt, messages, overrides, fmt)
+
+
+_Parsed = tuple["str | None", "str | None", "list[dict[str, str]] | None", "dict[str, Any]"]
+
+
+def _plain_row(obj: dict[str, Any], prompt_field: str, id_field: str) -> _Parsed:
+    row_id = _check_id(obj.get(id_field), id_field)
+    try:
+        prompt, messages = _check_prompt(obj.get(prompt_field), obj.get("messages"), prompt_field)
+        overrides = _check_overrides({k: obj.get(k) for k in OVERRIDE_FIELDS})
+    except _Reject as r:
+        raise _Reject(r.reason, row_id) from None
+    return row_id, prompt, messages, overrides
+
+
+def _openai_row(obj: dict[str, Any]) -> _Parsed:
+    row_id = _check_id(obj.get("custom_id"), "custom_id")
+    if row_id is None:
+        raise _Reject("OpenAI batch line: 'custom_id' is null")
+    body = obj.get("body")
+    try:
+        if not isinstance(body, dict):
+            raise _Reject("OpenAI batch line: 'body' must be an object")
+        prompt, messages = _check_prompt(body.get("prompt"), body.get("messages"), "body.prompt")
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        overrides = _check_overrides(
+            {"max_new_tokens": max_tokens, "temperature": body.get("temperature"), "seed": body.get("seed")}
+        )
+    except _Reject as r:
+        raise _Reject(r.reason, row_id) from None
+    return row_id, prompt, messages, overrides
+
+
+def _check_id(v: Any, name: str) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise _Reject(f"{name!r} must be a string or an integer, got {type(v).__name__}")
+    s = str(v)
+    if not s.strip():
+        raise _Reject(f"{name!r} is empty")
+    return s
+
+
+def _check_prompt(prompt: Any, messages: Any, prompt_name: str) -> tuple[str | None, list | None]:
+    if prompt is not None and messages is not None:
+        raise _Reject(f"both {prompt_name!r} and 'messages' given")
+    if prompt is None and messages is None:
+        raise _Reject(f"missing {prompt_name!r} or 'messages'")
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise _Reject(f"{prompt_name!r} must be a string, got {type(prompt).__name__}")
+        if not prompt.strip():
+            raise _Reject(f"{prompt_name!r} is empty")
+        return prompt, None
+    if not isinstance(messages, list) or not messages:
+        raise _Reject("'messages' must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        ok = isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        if not ok or not m["role"]:
+            raise _Reject(f"messages[{i}] must be an object with string 'role' and 'content'")
+        out.append({"role": m["role"], "content": m["content"]})  # other keys are not used by the model
+    if not any(m["content"].strip() for m in out):
+        raise _Reject("'messages' has no content")
+    return None, out
+
+
+def _check_overrides(given: dict[str, Any]) -> dict[str, Any]:
+    """Validate with DecodeParams itself, so per-row values obey exactly the CLI flags' rules."""
+    ov = {k: v for k, v in given.items() if v is not None}
+    if not ov:
+        return ov
+    try:
+        DecodeParams(**ov)
+    except ConfigError as e:
+        raise _Reject(f"invalid override: {e}") from None
+    if "seed" in ov and ov["seed"] > INT64_MAX:
+        raise _Reject("invalid override: seed must fit in 64 bits")
+    for k in ("gamma", "temperature"):
+        if k in ov:
+            ov[k] = float(ov[k])  # 1 and 1.0 must give the same derived id and output type
+    return ov
+
+
+def _content_hash(prompt: str | None, messages: list | None, overrides: dict[str, Any]) -> str:
+    content = {"prompt": prompt} if prompt is not None else {"messages": messages}
+    canon = orjson.dumps({**content, "overrides": overrides}, option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(canon, digest_size=12).hexdigest()

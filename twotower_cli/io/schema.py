@@ -1,0 +1,159 @@
+"""The types that cross the I/O boundary: input rows, rejected rows and the output Parquet schema.
+
+They live in one small module so that every stage (reader, batcher, writer, `twotower stats`) agrees
+on them without importing each other. The output schema is spelled out column by column with fixed
+Arrow types so that shard N written today and shard N+1 written after a resume next week are
+byte-compatible for pyarrow.dataset, duckdb, polars and Hugging Face datasets (they all refuse or
+silently up-cast mismatched shard schemas).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import orjson
+import pyarrow as pa
+
+# Bump when a column is added, removed or changes type; readers compare it before mixing shards.
+SCHEMA_VERSION = "1"
+META_SCHEMA_VERSION = "twotower.schema_version"
+META_FINGERPRINT = "twotower.fingerprint"
+
+SourceFormat = Literal["jsonl", "openai", "parquet"]
+
+
+class InputError(Exception):
+    """The input as a whole cannot be read (missing file, not Parquet, no prompt column).
+
+    Distinct from `RejectedRow`: one bad row never stops a run, an unreadable source does (exit 2).
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class PromptRow:
+    """One valid prompt. Exactly one of `prompt` / `messages` is set.
+
+    `overrides` holds only the per-row decoding fields that were given (validated and normalised:
+    gamma/temperature as float), so the pipeline can do `defaults.replace(**row.overrides)`.
+    `line_no` is the 1-based physical line for JSONL/stdin and the 1-based row for Parquet.
+    """
+
+    id: str
+    line_no: int
+    prompt: str | None
+    messages: list[dict[str, str]] | None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    source_format: SourceFormat = "jsonl"
+
+    def prompt_text(self) -> str:
+        """The `prompt` column value: the text, or the chat messages as compact JSON."""
+        if self.prompt is not None:
+            return self.prompt
+        return orjson.dumps(self.messages).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedRow:
+    """A row that will not be generated, and why. Produced by the reader and later by the batcher.
+
+    `reason` must be deterministic for a given input row: `ErrorLog` deduplicates on
+    (line_no, reason) so that a row re-read on resume is not logged twice.
+    """
+
+    line_no: int
+    id: str | None
+    reason: str
+    raw: str = ""  # an excerpt of the offending input, for humans
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+_STR, _F64, _I64 = pa.string(), pa.float64(), pa.int64()
+_TS = pa.timestamp("us", tz="UTC")
+
+# (name, type, nullable). Statistics are nullable because a mode may not define one (AR has no γ
+# in effect) and because "unknown" must not be faked as 0.
+COLUMNS: list[tuple[str, pa.DataType, bool]] = [
+    ("id", _STR, False),
+    ("prompt", _STR, False),
+    ("completion", _STR, False),
+    ("mode", _STR, True),
+    ("gamma", _F64, True),
+    ("block_size", _I64, True),
+    ("steps_per_block", _I64, True),
+    ("temperature", _F64, True),
+    ("seed", _I64, True),
+    ("prompt_tokens", _I64, True),
+    ("completion_tokens", _I64, True),
+    ("denoiser_steps", _I64, True),
+    ("context_forwards", _I64, True),
+    ("tokens_per_step", _F64, True),
+    ("blocks", _I64, True),
+    ("finish_reason", _STR, True),
+    ("latency_s", _F64, True),
+    ("model", _STR, True),
+    ("created_at", _TS, False),
+]
+COLUMN_NAMES = [c[0] for c in COLUMNS]
+_COLUMN_TYPES = {name: t for name, t, _ in COLUMNS}
+INT64_MAX = 2**63 - 1
+
+
+def output_schema(metadata: dict[str, str] | None = None) -> pa.Schema:
+    """The shard schema, with the schema version (and any extra metadata) in key-value metadata."""
+    meta = {META_SCHEMA_VERSION: SCHEMA_VERSION, **(metadata or {})}
+    return pa.schema([pa.field(n, t, nullable=nn) for n, t, nn in COLUMNS], metadata=meta)
+
+
+def check_record(record: dict[str, Any]) -> dict[str, Any]:
+    """Validate one output record and return it normalised, or raise ValueError naming the column.
+
+    Checked at `add()` time, not when a row group is flushed, so a bad record is reported against
+    the row that produced it instead of failing a whole buffered row group later. Missing optional
+    columns become null; `created_at` defaults to now (UTC); unknown keys are an error (a typo
+    would otherwise silently drop a statistic).
+    """
+    unknown = set(record) - set(_COLUMN_TYPES)
+    if unknown:
+        raise ValueError(f"unknown output column(s) {sorted(unknown)}")
+    out: dict[str, Any] = {}
+    for name, typ, nullable in COLUMNS:
+        v = record.get(name)
+        if v is None:
+            if name == "created_at":
+                v = datetime.now(timezone.utc)
+            elif not nullable:
+                raise ValueError(f"output column {name!r} is required")
+            out[name] = v
+            continue
+        out[name] = _check_value(name, typ, v)
+    return out
+
+
+def _check_value(name: str, typ: pa.DataType, v: Any) -> Any:
+    if typ == _STR:
+        if not isinstance(v, str):
+            raise ValueError(f"column {name!r} must be a string, got {type(v).__name__}")
+        return v
+    if typ == _I64:
+        if isinstance(v, bool) or not isinstance(v, int) or not -INT64_MAX - 1 <= v <= INT64_MAX:
+            raise ValueError(f"column {name!r} must be a 64-bit integer, got {v!r}")
+        return v
+    if typ == _F64:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"column {name!r} must be a number, got {v!r}")
+        v = float(v)
+        if not math.isfinite(v):  # "unknown" is null, never NaN: NaN breaks sums in every engine
+            raise ValueError(f"column {name!r} must be finite, got {v!r}")
+        return v
+    if typ == _TS:
+        if not isinstance(v, datetime) or v.tzinfo is None:
+            raise ValueError(f"column {name!r} must be a timezone-aware datetime, got {v!r}")
+        return v.astimezone(timezone.utc)
+    raise AssertionError(f"no check for {typ}")  # pragma: no cover
