@@ -1,0 +1,328 @@
+"""Durable output: Parquet shards committed by rename, and the .errors.jsonl sidecar.
+
+A shard is written as `.part-NNNNN.parquet.tmp` (a leading dot, and not ending in .parquet, so no
+loader ever sees it), closed, fsynced, renamed to `part-NNNNN.parquet` and the directory fsynced.
+The rename is the commit point: a committed shard is a complete Parquet file that survives power
+loss, and anything not yet renamed is disposable (its rows are not done and will be regenerated).
+
+Neither class is thread-safe or reentrant. In particular do not call `flush()` from inside a
+signal handler that may interrupt `add()`: set a flag there and flush from the main loop.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .schema import RejectedRow, check_record, output_schema
+
+SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+TMP_SUFFIX = ".tmp"
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def tmp_name(name: str) -> str:
+    return f".{name}{TMP_SUFFIX}"
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file by path (works on a read-only fd on Linux/macOS)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename/unlink in `path` durable: on POSIX the directory entry is data of its own."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash leaves either the old or the new content."""
+    tmp = path.with_name(tmp_name(path.name))
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A committed shard, as passed to the `on_commit` callback."""
+
+    name: str
+    index: int
+    rows: int
+    bytes: int
+    ids: list[str]
+
+
+class ShardWriter:
+    """Streams validated records into size-bounded Parquet shards (zstd, several row groups).
+
+    Memory is one row group of records plus the ids of the open shard. `done` (optional) is a set
+    of ids already committed: adding one of them, or an id already in the open shard, raises
+    ValueError, so a pipeline bug can never write a row twice. Committed ids are added to it.
+    `on_commit(ShardInfo)` runs after each shard is durably renamed (RunDir records it there).
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        schema_meta: dict[str, str] | None = None,
+        rows_per_shard: int = 10_000,
+        row_group_rows: int = 1_000,
+        *,
+        start_index: int = 0,
+        done: set[str] | None = None,
+        on_commit: Callable[[ShardInfo], None] | None = None,
+    ):
+        if rows_per_shard < 1 or row_group_rows < 1:
+            raise ValueError("rows_per_shard and row_group_rows must be positive")
+        self.out_dir = Path(out_dir)
+        self.schema = output_schema(schema_meta)
+        self.rows_per_shard = rows_per_shard
+        self.row_group_rows = min(row_group_rows, rows_per_shard)
+        self.next_index = start_index
+        self.done = done if done is not None else set()
+        self.on_commit = on_commit
+        self.committed: list[ShardInfo] = []
+        self._pq: pq.ParquetWriter | None = None
+        self._tmp: Path | None = None
+        self._buffer: list[dict[str, Any]] = []
+        self._shard_ids: list[str] = []
+        self._pending: set[str] = set()
+        self._broken = False
+        self._closed = False
+
+    # ---- public ---------------------------------------------------------------------------------
+    def add(self, record: dict[str, Any]) -> None:
+        """Validate and buffer one record; commits the shard when it reaches rows_per_shard."""
+        if self._closed or self._broken:
+            raise RuntimeError("ShardWriter is closed" if self._closed else "ShardWriter failed earlier")
+        rec = check_record(record)
+        rid = rec["id"]
+        if rid in self.done or rid in self._pending:
+            raise ValueError(f"id {rid!r} was already written")
+        self._buffer.append(rec)
+        self._shard_ids.append(rid)
+        self._pending.add(rid)
+        if len(self._buffer) >= self.row_group_rows:
+            self._write_row_group()
+        if len(self._shard_ids) >= self.rows_per_shard:
+            self.flush()
+
+    def is_pending(self, row_id: str) -> bool:
+        """Written to the open (uncommitted) shard: done for this process, lost if it crashes."""
+        return row_id in self._pending
+
+    @property
+    def failed(self) -> bool:
+        """A write failed (e.g. disk full): the open shard was dropped and the writer refuses more."""
+        return self._broken
+
+    @property
+    def pending_rows(self) -> int:
+        return len(self._shard_ids)
+
+    def flush(self) -> ShardInfo | None:
+        """Commit the open shard now, however small (used at the end and on SIGTERM)."""
+        if self._broken:
+            raise RuntimeError("ShardWriter failed earlier; its open shard was discarded")
+        if not self._shard_ids:
+            return None
+        try:
+            self._write_row_group()
+            return self._commit()
+        except BaseException:
+            self.abort()
+            raise
+
+    def write_empty_shard(self) -> ShardInfo:
+        """Commit a shard with zero rows, so a run with no output still loads with every reader."""
+        if self._shard_ids:
+            raise RuntimeError("write_empty_shard with rows pending")
+        self._open()
+        return self._commit()
+
+    def close(self) -> None:
+        """Commit what is buffered and stop. Idempotent."""
+        if self._closed:
+            return
+        if not self._broken:
+            self.flush()
+        self._closed = True
+
+    def abort(self) -> None:
+        """Drop the open shard without committing it (its rows stay not-done)."""
+        self._broken = True
+        if self._pq is not None:
+            try:
+                self._pq.close()
+            except Exception:  # noqa: BLE001 - already failing; the tmp file is removed below
+                pass
+            self._pq = None
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+        self._buffer.clear()
+        self._pending.difference_update(self._shard_ids)
+        self._shard_ids.clear()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Even on an exception the buffered records are complete, validated rows: keep them.
+        if self._broken:
+            self._closed = True
+        else:
+            self.close()
+
+    # ---- internals ------------------------------------------------------------------------------
+    def _open(self) -> None:
+        name = shard_name(self.next_index)
+        self._tmp = self.out_dir / tmp_name(name)
+        self._pq = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+
+    def _write_row_group(self) -> None:
+        if not self._buffer:
+            return
+        try:
+            if self._pq is None:
+                self._open()
+            table = pa.Table.from_pylist(self._buffer, schema=self.schema)
+            self._pq.write_table(table, row_group_size=len(self._buffer))
+        except BaseException:
+            self.abort()
+            raise
+        self._buffer.clear()
+
+    def _commit(self) -> ShardInfo:
+        assert self._pq is not None and self._tmp is not None
+        self._pq.close()
+        self._pq = None
+        fsync_path(self._tmp)
+        name = shard_name(self.next_index)
+        final = self.out_dir / name
+        os.replace(self._tmp, final)  # the commit point
+        self._tmp = None
+        fsync_dir(self.out_dir)
+        info = ShardInfo(name, self.next_index, len(self._shard_ids), final.stat().st_size, self._shard_ids)
+        self.next_index += 1
+        self.done.update(self._shard_ids)
+        self._pending.clear()
+        self._shard_ids = []
+        self.committed.append(info)
+        if self.on_commit is not None:
+            self.on_commit(info)
+        return info
+
+
+class ErrorLog:
+    """Append-only `.errors.jsonl`: one JSON object per rejected row, deduplicated across resumes.
+
+    Durability: each line is written with one write() call and flushed to the OS at once (so
+    `tail -f` sees it); fsync happens in `sync()`, which RunDir calls at every shard commit and at
+    close. A line lost in a crash before its fsync is not lost data: rejection is deterministic, so
+    the resumed run re-reads the row, rejects it again and writes the line then. A torn last line
+    is cut off on open (before anything is appended after it) and skipped by `read_errors`.
+    Dedup key: (line_no, reason), loaded from the existing file on open.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._keys: set[tuple[int, str]] = set()
+        self.count = 0
+        if self.path.exists():
+            _truncate_torn_tail(self.path)
+            for rec in read_errors(self.path):
+                self._keys.add(_key(rec))
+            self.count = len(self._keys)
+        self._f = open(self.path, "ab")  # noqa: SIM115 - owned for the log's lifetime
+        self._dirty = False
+
+    def add(self, row: RejectedRow) -> bool:
+        """Log a rejected row unless it is already logged. Returns True if a line was written."""
+        rec = row.to_dict()
+        key = _key(rec)
+        if key in self._keys:
+            return False
+        self._f.write(orjson.dumps(rec) + b"\n")
+        self._f.flush()
+        self._keys.add(key)
+        self.count += 1
+        self._dirty = True
+        return True
+
+    def sync(self) -> None:
+        if self._dirty and not self._f.closed:
+            os.fsync(self._f.fileno())
+            self._dirty = False
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self.sync()
+            self._f.close()
+
+
+def _key(rec: dict[str, Any]) -> tuple[int, str]:
+    return (rec.get("line_no"), rec.get("reason"))
+
+
+def _truncate_torn_tail(path: Path) -> None:
+    """Cut an unterminated last line (a write torn by a crash) so the next append starts clean."""
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        pos, chunk = size, 4096
+        while pos > 0:
+            start = max(0, pos - chunk)
+            f.seek(start)
+            buf = f.read(pos - start)
+            nl = buf.rfind(b"\n")
+            if nl >= 0:
+                end = start + nl + 1
+                break
+            pos = start
+        else:
+            end = 0
+        if end != size:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_errors(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The records of an errors.jsonl, skipping a torn or otherwise unparsable line."""
+    p = Path(path)
+    if not p.exists():
+        return
+    with open(p, "rb") as f:
+        for line in f:
+            try:
+                rec = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                yield rec
