@@ -1,0 +1,72 @@
+"""MoE: the grouped implementation == a plain per-token loop; the correction bias picks experts
+but the weights come from the raw scores."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from model_helpers import random_model, tiny_cfg
+
+from twotower_cli.model.twotower import MoE
+
+
+def moe_layer(seed=0, **changes) -> MoE:
+    cfg = tiny_cfg(**changes)
+    return random_model(cfg, seed=seed, ar_only=True).context_tower.layers[2].mixer  # "M*EM-E"
+
+
+def per_token(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """SPEC §2 written out, one token at a time."""
+    cfg = moe.cfg
+    out = []
+    for tok in x.reshape(-1, x.shape[-1]):
+        scores = torch.sigmoid(tok.double() @ moe.gate.weight.double().t())  # (E,)
+        choice = scores + moe.gate.e_score_correction_bias.double()
+        chosen = sorted(range(len(scores)), key=lambda e: -choice[e].item())[: cfg.num_experts_per_tok]
+        w = [scores[e].item() for e in chosen]
+        if cfg.norm_topk_prob:
+            total = sum(w) + 1e-20
+            w = [wi / total for wi in w]
+        y = moe.shared_experts.down_proj(torch.relu(moe.shared_experts.up_proj(tok)) ** 2)
+        for e, wi in zip(chosen, w, strict=True):
+            ex = moe.experts[e]
+            y = y + wi * cfg.routed_scaling_factor * ex.down_proj(torch.relu(ex.up_proj(tok)) ** 2)
+        out.append(y)
+    return torch.stack(out).view(x.shape)
+
+
+def test_moe_equals_per_token_loop():
+    moe = moe_layer(seed=1)
+    x = torch.randn(3, 7, moe.cfg.hidden_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), per_token(moe, x), atol=1e-5, rtol=1e-5)
+
+
+def test_moe_without_normalisation_equals_loop():
+    moe = moe_layer(seed=3, norm_topk_prob=False, routed_scaling_factor=1.0, num_experts_per_tok=3)
+    x = torch.randn(5, moe.cfg.hidden_size, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), per_token(moe, x), atol=1e-5, rtol=1e-5)
+
+
+def test_correction_bias_chooses_but_raw_scores_weigh():
+    moe = moe_layer(seed=5)  # 4 experts, top-2
+    H = moe.cfg.hidden_size
+    raw = torch.tensor([0.9, 0.8, 0.3, 0.1])  # raw scores: experts 0 and 1 would win
+    with torch.no_grad():
+        moe.gate.weight.zero_()
+        moe.gate.weight[:, 0] = torch.log(raw / (1 - raw))  # sigmoid(w · e0) = raw
+        x = torch.zeros(1, H)
+        x[0, 0] = 1.0
+        moe.gate.e_score_correction_bias.zero_()
+        idx, w = moe.route(x)
+        assert sorted(idx[0].tolist()) == [0, 1]
+        moe.gate.e_score_correction_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.75]))  # 0.1+0.75 > 0.8
+        idx, w = moe.route(x)
+        assert sorted(idx[0].tolist()) == [0, 3]  # the bias flipped expert 1 -> expert 3
+        weights = dict(zip(idx[0].tolist(), w[0].tolist(), strict=True))
+        scale = moe.cfg.routed_scaling_factor
+        assert math.isclose(weights[0], 0.9 / (0.9 + 0.1) * scale, rel_tol=1e-6)  # raw, not biased
+        assert math.isclose(weights[3], 0.1 / (0.9 + 0.1) * scale, rel_tol=1e-6)
+        torch.testing.assert_close(moe(x), per_token(moe, x), atol=1e-5, rtol=1e-5)
