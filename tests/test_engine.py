@@ -1,0 +1,192 @@
+"""The streamlined engine against the executable spec (engine/reference.py), token for token."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from twotower_cli.config import DecodeParams, ModelConfig
+from twotower_cli.engine import Engine, Request
+from twotower_cli.engine import reference as ref
+from twotower_cli.engine.decode import choose, commit_mask
+from twotower_cli.engine.request import row_key
+from twotower_cli.model.twotower import TwoTower
+
+REF = {"ar": ref.generate_ar, "mock-ar": ref.generate_mock_ar, "diffusion": ref.generate_mask_diffusion}
+EOS = {2}
+
+
+@pytest.fixture(scope="module")
+def model() -> TwoTower:
+    return TwoTower(ModelConfig.tiny(), seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def peaked() -> TwoTower:
+    """Random weights with sharper output distributions. A random model's decisions sit on
+    near-ties that floating-point batch effects (~1e-7) can flip; heads scaled x8 give them margins,
+    as a trained model has, so that row independence is testable. (Much more saturates the
+    probabilities at 1.0, which makes ties again.)"""
+    m = TwoTower(ModelConfig.tiny(), seed=1).eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(8)
+        m.context_lm_head.weight.mul_(8)
+    return m
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(5, 256) for _ in range(rng.randint(1, 14))] for _ in range(n)]
+
+
+def run_engine(m, rows, params, max_batch_rows=4, eos=EOS, ids=None):
+    ids = ids or [str(i) for i in range(len(rows))]
+    reqs = [Request(i, r, p) for i, r, p in zip(ids, rows, params)]
+    out = {r.id: r for r in Engine(m, max_batch_rows=max_batch_rows, eos_ids=eos).run(reqs)}
+    assert sorted(out) == sorted(ids)  # every row exactly once
+    return [out[i] for i in ids]
+
+
+def alone(m, row, p, i, eos=EOS):
+    return REF[p.mode](m, [row], [p], [row_key(str(i))], eos)[0]
+
+
+@pytest.mark.parametrize("mode", ["ar", "mock-ar", "diffusion"])
+def test_streamlined_equals_reference_batch1(model, mode):
+    for i, row in enumerate(prompts(3, seed=7)):
+        p = DecodeParams(mode=mode, max_new_tokens=35, gamma=0.5)
+        (res,) = run_engine(model, [row], [p], max_batch_rows=1)
+        expect = alone(model, row, p, 0)
+        assert res.tokens == expect[0], (mode, i)
+        assert res.stats["finish_reason"] == expect[1]
+        if mode == "diffusion":
+            assert res.stats["denoiser_steps"] == expect[2]
+
+
+def test_mixed_batch_rows_equal_alone(peaked):
+    """Different prompt lengths, modes, γ and limits; rows finish at different times; slots refill."""
+    rows = prompts(9, seed=3)
+    modes = ["diffusion", "diffusion", "ar", "mock-ar"]
+    params = [
+        DecodeParams(mode=modes[i % 4], gamma=[0.3, 0.6, 0.9, 1.0][i % 4], max_new_tokens=5 + 6 * (i % 4), seed=i)
+        for i in range(len(rows))
+    ]
+    results = run_engine(peaked, rows, params, max_batch_rows=4)
+    for i, (row, p, res) in enumerate(zip(rows, params, results)):
+        expect = alone(peaked, row, p, i)
+        assert res.tokens == expect[0], i
+        assert res.stats["completion_tokens"] == len(expect[0])
+        assert res.stats["mode"] == p.mode and res.stats["gamma"] == p.gamma
+
+
+def test_sampling_reproducible_and_batch_independent(peaked):
+    rows = prompts(6, seed=11)
+    params = [DecodeParams(mode=["diffusion", "ar", "mock-ar"][i % 3], temperature=1.0, seed=3, max_new_tokens=12)
+              for i in range(len(rows))]
+    a = [r.tokens for r in run_engine(peaked, rows, params, max_batch_rows=6)]
+    b = [r.tokens for r in run_engine(peaked, rows, params, max_batch_rows=6)]
+    c = [r.tokens for r in run_engine(peaked, rows, params, max_batch_rows=2)]
+    d = [run_engine(peaked, [row], [p], max_batch_rows=1, ids=[str(i)])[0].tokens
+         for i, (row, p) in enumerate(zip(rows, params))]
+    assert a == b == c == d
+    for i, (row, p) in enumerate(zip(rows, params)):
+        assert a[i] == alone(peaked, row, p, i)[0]
+    other = [r.tokens for r in run_engine(peaked, rows, [p.replace(seed=4) for p in params], max_batch_rows=6)]
+    assert other != a  # the seed matters
+    greedy = [r.tokens for r in run_engine(peaked, rows, [p.replace(temperature=0.0) for p in params])]
+    assert greedy != a  # sampling at temperature 1 is not greedy
+
+
+def test_gamma_one_commits_one_token_per_step(model):
+    p = DecodeParams(mode="diffusion", gamma=1.0, block_size=8, steps_per_block=8, max_new_tokens=16)
+    (res,) = run_engine(model, [[5, 6, 7]], [p], eos=set())
+    assert res.stats["denoiser_steps"] == 16 and res.stats["blocks"] == 2
+    assert res.stats["tokens_per_step"] == 1.0
+
+
+def test_last_step_commits_the_rest():
+    conf = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5]])
+    masked = torch.tensor([[True, True, False, True, True]])
+    one = lambda k, T, g=0.99: commit_mask(conf, masked, torch.tensor([g]), torch.tensor([k]), torch.tensor([T]))  # noqa: E731
+    assert one(3, 4).tolist() == masked.tolist()  # k == T-1: everything still masked
+    assert one(0, 4).sum() == 1  # ceil(4 / 4) = 1
+    assert one(0, 2).sum() == 2  # ceil(4 / 2) = 2
+    assert one(0, 4, g=0.15).sum() == 3  # 0.2, 0.4, 0.5 are over γ among the masked
+    assert one(0, 4, g=0.15)[0].tolist() == [False, True, False, True, True]
+
+
+def test_commit_ties_go_to_lower_position():
+    conf = torch.full((1, 6), 0.5)
+    masked = torch.tensor([[False, True, True, True, True, True]])
+    take = commit_mask(conf, masked, torch.tensor([0.9]), torch.tensor([0]), torch.tensor([3]))
+    assert take[0].tolist() == [False, True, True, False, False, False]  # ceil(5/3) = 2
+
+
+def test_commit_rule_matches_plain_loop():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        S, T = 12, int(torch.randint(1, 13, (1,), generator=g))
+        k = int(torch.randint(0, T, (1,), generator=g))
+        conf = torch.rand(1, S, generator=g).round(decimals=1)  # frequent exact ties
+        masked = torch.rand(1, S, generator=g) < 0.7
+        gamma = float(torch.rand(1, generator=g))
+        take = commit_mask(conf, masked, torch.tensor([gamma]), torch.tensor([k]), torch.tensor([T]))[0]
+        idx = [j for j in range(S) if masked[0, j]]
+        n = len(idx)
+        c = n if k == T - 1 else min(max(max(sum(conf[0, j] > gamma for j in idx), 1), math.ceil(n / (T - k))), n)
+        chosen = sorted(idx, key=lambda j: (-float(conf[0, j]), j))[:c]
+        assert [j for j in range(S) if take[j]] == sorted(chosen)
+
+
+def test_mask_id_never_proposed():
+    logits = torch.zeros(2, 3, 10)
+    logits[..., 3] = -float("inf")
+    logits[0, :, 3] = -float("inf")
+    pred, conf = choose(logits, torch.tensor([0.0, 2.0]), torch.tensor([1, 1]), torch.tensor([5, 6]),
+                        torch.arange(3)[None].expand(2, 3), torch.tensor([0, 0]))
+    assert (pred != 3).all() and torch.allclose(conf, torch.full_like(conf, 1 / 9))
+
+
+def test_eos_cut_and_partial_last_block(model):
+    row = [9, 8, 7, 6]
+    p = DecodeParams(mode="diffusion", gamma=0.5, max_new_tokens=21)
+    (res,) = run_engine(model, [row], [p], eos=set())
+    assert len(res.tokens) == 21 and res.stats["blocks"] == 2 and res.stats["finish_reason"] == "length"
+    assert res.stats["decoded_tokens"] == 32  # the last block is decoded whole, then cut
+    eos_tok = res.tokens[6]
+    first = res.tokens.index(eos_tok)
+    (cut,) = run_engine(model, [row], [p], eos={eos_tok})
+    assert cut.tokens == res.tokens[: first + 1] and cut.stats["finish_reason"] == "eos"
+    assert cut.tokens == alone(model, row, p, 0, eos={eos_tok})[0]
+
+
+def test_ar_modes_stop_at_limit_and_eos(model):
+    for mode in ("ar", "mock-ar"):
+        p = DecodeParams(mode=mode, max_new_tokens=9)
+        (res,) = run_engine(model, [[4, 5]], [p], eos=set())
+        assert len(res.tokens) == 9 and res.stats["finish_reason"] == "length"
+        (cut,) = run_engine(model, [[4, 5]], [p], eos={res.tokens[3]})
+        assert cut.tokens[-1] == res.tokens[3] and cut.stats["finish_reason"] == "eos"
+
+
+def test_release_api_returns_prompt_plus_completion(model):
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    out = model.generate_mask_diffusion(ids, max_new_tokens=10, eos_token_id=None)
+    assert out.shape[0] == 2 and torch.equal(out[:, :4], ids)
+    assert [s["completion_tokens"] for s in model.last_stats] == [10, 10] or any(
+        s["finish_reason"] == "eos" for s in model.last_stats
+    )
+    ar = model.generate_ar([[5, 6, 7]], max_new_tokens=4)
+    assert ar[0][:3] == [5, 6, 7] and len(ar[0]) <= 7
+    mock = model.generate_mock_ar([[5]], max_new_tokens=3)
+    assert mock[0][0] == 5
+
+
+def test_bad_requests_are_refused(model):
+    with pytest.raises(ValueError, match="empty prompt"):
+        list(Engine(model).run([Request("x", [])]))
+    with pytest.raises(ValueError, match="vocabulary"):
+        list(Engine(model).run([Request("x", [100000])]))
