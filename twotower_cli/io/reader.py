@@ -221,7 +221,16 @@ def _validate_all(
             return  # before reading another line: with stdin, unread input stays unread
 
 
-def _validate(line_no, raw, obj, fmt, prompt_field, id_field, seen, repeats) -> PromptRow | RejectedRow:
+def _validate(
+    line_no: int,
+    raw: bytes | dict[str, Any],
+    obj: dict[str, Any] | _Reject,
+    fmt: SourceFormat,
+    prompt_field: str,
+    id_field: str,
+    seen: set[str],
+    repeats: dict[str, int],
+) -> PromptRow | RejectedRow:
     if isinstance(obj, _Reject):
         return RejectedRow(line_no, None, obj.reason, _excerpt(raw))
     try:
