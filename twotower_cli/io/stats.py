@@ -1,0 +1,171 @@
+"""`twotower stats`: summarise an output directory from its committed shards, read-only.
+
+Takes no lock and reads only `part-*.parquet` (plus .manifest.json and .errors.jsonl when present),
+so it can watch a run in progress: it sees exactly the committed rows. Columns are streamed in
+record batches and aggregated with pyarrow.compute, so memory stays flat for any run size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..config import MODES
+from .manifest import ERRORS, MANIFEST
+from .writer import SHARD_RE, read_errors
+
+# Tokens-per-step bins: AR and mock-AR sit at exactly 1; diffusion spreads up to the block size.
+TPS_EDGES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
+_COLUMNS = ["mode", "finish_reason", "tokens_per_step", "latency_s", "created_at",
+            "prompt_tokens", "completion_tokens", "denoiser_steps", "context_forwards"]
+_SUMS = ("prompt_tokens", "completion_tokens", "denoiser_steps", "context_forwards")
+
+
+def tps_bin_labels() -> list[str]:
+    e = TPS_EDGES
+    return [f"<{e[0]:g}"] + [f"{a:g}-{b:g}" for a, b in zip(e, e[1:], strict=False)] + [f">={e[-1]:g}"]
+
+
+def read_run(out_dir: str | Path) -> dict[str, Any]:
+    """Summary of a run directory as a JSON-able dict (see render_summary for the fields)."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out} is not a directory")
+    manifest = _read_manifest(out / MANIFEST)
+    shards = sorted(e for e in os.listdir(out) if SHARD_RE.match(e))
+    modes: Counter[str] = Counter()
+    finish: Counter[str] = Counter()
+    sums = dict.fromkeys(_SUMS, 0)
+    tps_sum: Counter[str] = Counter()
+    tps_n: Counter[str] = Counter()
+    hist = [0] * (len(TPS_EDGES) + 1)
+    lat_sum, lat_n, lat_max = 0.0, 0, None
+    first_start = last_end = None
+    rows = 0
+    for name in shards:
+        with pq.ParquetFile(out / name) as pf:
+            cols = [c for c in _COLUMNS if c in pf.schema_arrow.names]
+            for batch in pf.iter_batches(batch_size=8192, columns=cols):
+                t = pa.Table.from_batches([batch])
+                rows += t.num_rows
+                modes.update(_counts(t, "mode"))
+                finish.update(_counts(t, "finish_reason"))
+                for c in _SUMS:
+                    if c in t.column_names:
+                        sums[c] += pc.sum(t[c]).as_py() or 0
+                if "tokens_per_step" in t.column_names:
+                    _accumulate_tps(t, tps_sum, tps_n, hist)
+                if "latency_s" in t.column_names:
+                    lat = t["latency_s"]
+                    lat_sum += pc.sum(lat).as_py() or 0.0
+                    lat_n += pc.count(lat).as_py()
+                    m = pc.max(lat).as_py()
+                    lat_max = m if lat_max is None or (m is not None and m > lat_max) else lat_max
+                if "created_at" in t.column_names and t.num_rows:
+                    end_s = pc.divide(pc.cast(t["created_at"], pa.int64()), 1e6)
+                    start_s = pc.subtract(end_s, pc.fill_null(t["latency_s"], 0.0)) if "latency_s" in cols else end_s
+                    lo, hi = pc.min(start_s).as_py(), pc.max(end_s).as_py()
+                    first_start = lo if first_start is None else min(first_start, lo)
+                    last_end = hi if last_end is None else max(last_end, hi)
+    wall = (last_end - first_start) if first_start is not None else None
+    all_n = sum(tps_n.values())
+    return {
+        "out_dir": str(out),
+        "schema_version": (manifest or {}).get("schema_version"),
+        "fingerprint": (manifest or {}).get("fingerprint"),
+        "complete": (manifest or {}).get("complete"),
+        "shards": len(shards),
+        "rows": rows,
+        "rejected": len({(r.get("line_no"), r.get("reason")) for r in read_errors(out / ERRORS)}),
+        "modes": _ordered(modes, MODES),
+        "finish_reasons": dict(finish.most_common()),
+        **sums,
+        "tokens_per_step": {
+            "mean": sum(tps_sum.values()) / all_n if all_n else None,
+            "by_mode": {m: tps_sum[m] / tps_n[m] for m in _ordered(tps_n, MODES)},
+            "histogram": dict(zip(tps_bin_labels(), hist, strict=True)),
+        },
+        "latency_s": {"mean": lat_sum / lat_n if lat_n else None, "max": lat_max},
+        "throughput": {
+            # From the first row's start to the last row's end: on a resumed run this includes
+            # the time it was stopped, so it is a lower bound on the engine's real throughput.
+            "wall_s": wall,
+            "rows_per_s": rows / wall if wall else None,
+            "completion_tokens_per_s": sums["completion_tokens"] / wall if wall else None,
+        },
+    }
+
+
+def _read_manifest(p: Path) -> dict[str, Any] | None:
+    try:
+        m = orjson.loads(p.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return m if isinstance(m, dict) else None
+
+
+def _counts(t: pa.Table, col: str) -> dict[str, int]:
+    if col not in t.column_names:
+        return {}
+    vc = pc.value_counts(t[col])
+    return {("null" if v is None else v): n for v, n in zip(vc.field("values").to_pylist(),
+                                                             vc.field("counts").to_pylist(), strict=True)}
+
+
+def _accumulate_tps(t: pa.Table, tps_sum: Counter, tps_n: Counter, hist: list[int]) -> None:
+    tps = t["tokens_per_step"]
+    mode = t["mode"] if "mode" in t.column_names else pa.chunked_array([pa.nulls(t.num_rows, pa.string())])
+    g = pa.table({"mode": pc.fill_null(mode, "null"), "tps": tps}).group_by("mode").aggregate(
+        [("tps", "sum"), ("tps", "count")]
+    )
+    for m, s, n in zip(g["mode"].to_pylist(), g["tps_sum"].to_pylist(), g["tps_count"].to_pylist(), strict=True):
+        if n:
+            tps_sum[m] += s
+            tps_n[m] += n
+    edges = (float("-inf"), *TPS_EDGES, float("inf"))
+    for i in range(len(hist)):
+        inside = pc.and_(pc.greater_equal(tps, edges[i]), pc.less(tps, edges[i + 1]))
+        hist[i] += pc.sum(pc.cast(inside, pa.int64())).as_py() or 0
+
+
+def _ordered(c: Counter, first: tuple[str, ...]) -> dict[str, int]:
+    keys = [k for k in first if k in c] + sorted(k for k in c if k not in first)
+    return {k: c[k] for k in keys}
+
+
+def render_summary(s: dict[str, Any]) -> str:
+    """Plain text for a terminal (the CLI may add colour); stable enough to grep."""
+
+    def num(v: Any, fmt: str = ",.2f") -> str:
+        return "-" if v is None else format(v, fmt)
+
+    state = {True: "complete", False: "incomplete"}.get(s["complete"], "unknown")
+    lines = [
+        f"{s['out_dir']}  ({state}, schema v{s['schema_version'] or '?'})",
+        f"  rows        {s['rows']:,} in {s['shards']} shard(s); rejected {s['rejected']:,}",
+        "  modes       " + (", ".join(f"{m} {n:,}" for m, n in s["modes"].items()) or "-"),
+        "  finish      " + (", ".join(f"{m} {n:,}" for m, n in s["finish_reasons"].items()) or "-"),
+        f"  tokens      prompt {s['prompt_tokens']:,}, completion {s['completion_tokens']:,}",
+        f"  steps       denoiser {s['denoiser_steps']:,}, context forwards {s['context_forwards']:,}",
+        f"  tok/step    mean {num(s['tokens_per_step']['mean'])}"
+        + "".join(f", {m} {num(v)}" for m, v in s["tokens_per_step"]["by_mode"].items()),
+    ]
+    hist = s["tokens_per_step"]["histogram"]
+    top = max(hist.values(), default=0)
+    for label, n in hist.items():
+        if n:
+            lines.append(f"    {label:>7}  {n:>9,}  {'#' * max(1, round(30 * n / top))}")
+    lat, th = s["latency_s"], s["throughput"]
+    lines.append(f"  latency     mean {num(lat['mean'])} s, max {num(lat['max'])} s")
+    lines.append(
+        f"  throughput  {num(th['rows_per_s'])} rows/s, {num(th['completion_tokens_per_s'])} tok/s "
+        f"over {num(th['wall_s'], ',.1f')} s wall"
+    )
+    return "\n".join(lines)
