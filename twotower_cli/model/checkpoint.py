@@ -266,9 +266,14 @@ def load_model(
                         t = f.get_tensor(entries[n].key)
                     except Exception as e:
                         raise CheckpointError(f"corrupt safetensors file {file}: {_one_line(e)}") from None
-                    t = t.to(device=dev, dtype=_param_dtype(n, wdtype))
-                    _assign(model, n, t, params[n].requires_grad)
-                    del t
+                    out = t.to(device=dev, dtype=_param_dtype(n, wdtype))
+                    if out.data_ptr() == t.data_ptr() and dev.type == "cpu":
+                        # Still a view of the file's memory map: copy this one tensor into owned,
+                        # aligned memory (unaligned weights take other kernels and round
+                        # differently; a file rewritten in place would fault under the map).
+                        out = out.clone()
+                    _assign(model, n, out, params[n].requires_grad)
+                    del t, out
     if cfg.tie_word_embeddings:
         if "context_lm_head.weight" not in entries:
             model.context_lm_head.weight = model.context_tower.embeddings.weight
