@@ -91,6 +91,25 @@ def test_parquet_detected_by_magic_and_bad_rows(tmp_path):
     ]
 
 
+def test_parquet_messages_column(tmp_path):
+    msgs = pa.array(
+        [[{"role": "user", "content": "hi"}], None, [{"role": "user", "content": "yo"}]],
+        pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])),
+    )
+    p = tmp_path / "chat.parquet"
+    pq.write_table(pa.table({"messages": msgs, "prompt": [None, "plain", None]}), p)
+    rows = list(read_rows(p))
+    assert [r.messages for r in rows] == [[{"role": "user", "content": "hi"}], None,
+                                          [{"role": "user", "content": "yo"}]]
+    assert rows[1].prompt == "plain"
+
+
+def test_no_stdin_is_input_error(monkeypatch):
+    monkeypatch.setattr(sys, "stdin", None)
+    with pytest.raises(InputError, match="no standard input"):
+        read_rows("-")
+
+
 def test_parquet_without_prompt_column_is_input_error(tmp_path):
     p = tmp_path / "x.parquet"
     pq.write_table(pa.table({"text": ["a"]}), p)

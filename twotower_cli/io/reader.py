@@ -85,6 +85,8 @@ _Record = tuple[int, "bytes | dict[str, Any]", "dict[str, Any] | _Reject", Sourc
 
 def _open_records(source: str | Path, prompt_field: str, id_field: str) -> Iterator[_Record]:
     if str(source) == "-":
+        if sys.stdin is None or getattr(sys.stdin, "closed", False):  # e.g. started by a service manager with no stdin
+            raise InputError("input '-' given but there is no standard input")
         stream = getattr(sys.stdin, "buffer", sys.stdin)
         if not hasattr(stream, "peek"):
             stream = io.BufferedReader(stream)  # so the format can be sniffed without consuming it
