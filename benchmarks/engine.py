@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     tok = load_tokenizer(a.model)
     items = eval_set(n_per_task=(a.rows + 4) // 5)[: a.rows]
     items = [items[(i * 7) % len(items)] for i in range(len(items))]  # interleave tasks: mixed lengths
-    prompts = [tok.encode(p, add_special_tokens=False) for _, p, _ in items]
+    prompts = [tok.encode(p) for _, p, _ in items]  # with BOS, as the pipeline encodes
     params = DecodeParams(mode=a.mode, gamma=a.gamma, max_new_tokens=a.max_new_tokens)
     eos = set(model.config.eos_ids)
     rows = []

@@ -61,12 +61,16 @@ def finish_tokens(out: list[int], max_new: int, eos: set[int]) -> tuple[list[int
 class Engine:
     """Decode a stream of `Request`s; `run` yields each `Result` as soon as its row finishes."""
 
-    def __init__(self, model: TwoTower, *, max_batch_rows: int = 32, eos_ids: Iterable[int] | None = None,
-                 scan: str = "chunked", capacity: int = 256):
-        if max_batch_rows < 1:
-            raise ValueError("max_batch_rows must be at least 1")
+    def __init__(self, model: TwoTower, *, max_batch_rows: int = 32, max_batch_tokens: int = 16384,
+                 eos_ids: Iterable[int] | None = None, scan: str = "chunked", capacity: int = 256):
+        if max_batch_rows < 1 or max_batch_tokens < 1:
+            raise ValueError("max_batch_rows and max_batch_tokens must be at least 1")
         self.model = model
         self.max_batch_rows = max_batch_rows
+        self.max_batch_tokens = max_batch_tokens  # padded tokens in one batched prefill
+        # prefill accounting: real prompt tokens vs padded positions computed (padding waste)
+        self.counters = {"prefill_calls": 0, "prefill_tokens": 0, "prefill_padded_tokens": 0,
+                         "denoiser_calls": 0, "context_calls": 0}
         self.eos = set(model.config.eos_ids if eos_ids is None else eos_ids)
         self.scan = scan
         self.capacity = capacity
@@ -78,17 +82,23 @@ class Engine:
         source = iter(requests)
         pool = SlotPool(self.model, self.max_batch_rows, self.capacity)
         rows: list[_Row] = []  # rows[i].slot == i
+        held: Request | None = None  # pulled from the stream but not admitted (token budget)
         exhausted = False
         while True:
-            if not exhausted and pool.free():
-                new = []
-                for req in source:
-                    self._check(req)
-                    new.append(req)
-                    if len(new) == pool.free():
-                        break
-                else:
-                    exhausted = True
+            if pool.free() and (held or not exhausted):
+                new, longest = [], 0
+                while len(new) < pool.free():
+                    if held is None:
+                        held = next(source, None)
+                        if held is None:
+                            exhausted = True
+                            break
+                        self._check(held)
+                    n = max(longest, len(held.prompt_ids))
+                    if new and n * (len(new) + 1) > self.max_batch_tokens:
+                        break  # keep it for the next prefill
+                    new.append(held)
+                    longest, held = n, None
                 if new:
                     rows.extend(self._admit(new, pool))
             if not rows:
@@ -125,6 +135,9 @@ class Engine:
             ids[b, : lens[b]] = torch.tensor(r.prompt_ids[: lens[b]], dtype=torch.long)
         state = self.model.new_state(len(reqs))
         want = any(r.params.mode == "ar" for r in reqs)
+        self.counters["prefill_calls"] += 1
+        self.counters["prefill_tokens"] += sum(lens)
+        self.counters["prefill_padded_tokens"] += n * len(reqs)
         logits = self.model.context_extend(ids.to(self.device), state, n_valid=torch.tensor(lens, device=self.device),
                                            logits=want, scan=self.scan)
         slots = pool.admit(state)
@@ -186,6 +199,7 @@ class Engine:
         masked = xt == mask
         t = masked.float().mean(1)  # (B,) per row
         logits = self.model.denoise(xt, state, t, scan=self.scan)  # (B, S, V)
+        self.counters["denoiser_calls"] += 1
         logits[..., mask] = -float("inf")  # the mask id is never proposed
         k = torch.tensor([r.k for r in g], device=self.device)
         T = torch.tensor([r.p.steps_per_block for r in g], device=self.device)
@@ -213,6 +227,7 @@ class Engine:
         state = pool.view([r.slot for r in g])
         last = torch.tensor([[r.last] for r in g], device=self.device)
         logits = self.model.denoise(last, state, None, scan=self.scan)[:, 0]  # (B, V)
+        self.counters["denoiser_calls"] += 1
         for r in g:
             r.nfe += 1
         self._take_next(g, logits)
@@ -234,6 +249,7 @@ class Engine:
         ar = [i for i, r in enumerate(g) if r.p.mode == "ar"]
         logits = self.model.context_extend(torch.stack(ids).to(self.device), state, logits=bool(ar), scan=self.scan)
         pool.write_back(slots, state)
+        self.counters["context_calls"] += 1
         for r in g:
             r.ctx += 1
         if ar:
