@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from twotower_cli.config import DEFAULT_MODEL_DIR, DecodeParams
+from twotower_cli.config import DecodeParams
 from twotower_cli.engine import Engine, Request
 from twotower_cli.engine import reference as ref
 from twotower_cli.engine.request import row_key
-from twotower_cli.model.checkpoint import load_model
+from twotower_cli.model.checkpoint import ASSET_CHECKPOINT, load_model
 from twotower_cli.model.tokenizer import load_tokenizer
 from twotower_cli.training.tasks import eval_set
 
@@ -63,7 +63,7 @@ def run_engine(model, prompts, params, B, eos):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
+    ap.add_argument("--model", default=str(ASSET_CHECKPOINT))
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--mode", default="diffusion", choices=["diffusion", "mock-ar", "ar"])

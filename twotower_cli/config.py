@@ -13,9 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# The embedded default checkpoint (trained by examples/train_tiny.py, shipped in the wheel).
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny"
-
 LAYER_KINDS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 MODES = ("diffusion", "mock-ar", "ar")
 
