@@ -58,5 +58,61 @@ def info(
         cmd.run(path, preset, as_json)
 
 
+@app.command(no_args_is_help=True)
+def gen(
+    source: Annotated[str, typer.Argument(help="Prompts: a JSONL or Parquet file, or - for stdin.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output directory (Parquet shards; resumable).")],
+    model: Annotated[Path | None, typer.Option(help="Checkpoint directory (default: the embedded tiny model).",
+                                               show_default=False)] = None,
+    mode: Annotated[str, typer.Option(help="diffusion | mock-ar | ar")] = "diffusion",
+    gamma: Annotated[float, typer.Option(help="Confidence threshold γ in [0, 1]: lower commits more tokens "
+                                              "per step (faster, lower quality).")] = 0.8,
+    block: Annotated[int, typer.Option(help="Block size S (tokens denoised together).")] = 16,
+    steps: Annotated[int, typer.Option(help="Denoiser steps per block T (at most).")] = 16,
+    temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples (per-row noise keyed by seed).")] = 0.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens generated per row.")] = 128,
+    seed: Annotated[int, typer.Option(help="Sampling seed (rows may override).")] = 0,
+    mask_token_id: Annotated[int, typer.Option(help="The mask token id of the checkpoint.")] = 3,
+    device: Annotated[str | None, typer.Option(help="Device for both towers (cpu, cuda, cuda:1).")] = None,
+    ctx_device: Annotated[str | None, typer.Option(help="Device of the context tower.")] = None,
+    den_device: Annotated[str | None, typer.Option(help="Device of the denoiser tower.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Weight dtype (default: float32 on CPU, the "
+                                                   "checkpoint's on CUDA).")] = None,
+    max_batch_rows: Annotated[int, typer.Option(min=1, help="Rows decoded together.")] = 32,
+    max_batch_tokens: Annotated[int, typer.Option(min=1, help="Padded prompt tokens per batched prefill.")] = 16384,
+    rows_per_shard: Annotated[int, typer.Option(min=1, help="Rows per Parquet shard.")] = 10_000,
+    prompt_field: Annotated[str, typer.Option(help="Prompt column of a Parquet input.")] = "prompt",
+    id_field: Annotated[str, typer.Option(help="Id column of a Parquet input.")] = "id",
+    limit: Annotated[int | None, typer.Option(min=0, help="Read at most this many input rows.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Start over in an output directory written with "
+                                                 "other settings (deletes its shards).")] = False,
+    fail_on_error: Annotated[bool, typer.Option(help="Exit 4 when any row was rejected.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+) -> None:
+    """Generate completions for every prompt; resumes where an earlier run of the same command stopped.
+
+    Exit codes: 0 done, 2 bad flags or unreadable input, 3 interrupted (rerun to resume),
+    4 rows rejected with --fail-on-error. The JSON summary goes to stdout.
+    """
+    from .commands import gen as cmd
+
+    opts = dict(locals())
+    with user_errors():
+        code = cmd.run_gen(source, out, model, opts)
+    raise typer.Exit(code)
+
+
+@app.command(no_args_is_help=True)
+def stats(
+    out_dir: Annotated[Path, typer.Argument(help="An output directory of `twotower gen`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+) -> None:
+    """Rows, per-mode counts, finish reasons, tokens-per-step histogram and throughput of a run."""
+    from .commands import stats as cmd
+
+    with user_errors():
+        cmd.run(out_dir, as_json)
+
+
 def main() -> None:
     app()

@@ -1,0 +1,140 @@
+"""`twotower gen`: build a run from flags, drive the pipeline with a progress display, print the summary."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, DecodeParams
+from ..io.manifest import RunDirError
+from ..io.schema import InputError
+from ..model.checkpoint import default_checkpoint, fingerprint, load_model, place_towers_on_devices
+from ..model.tokenizer import load_tokenizer
+from ..pipeline import EXIT_REJECTS, Progress, RunConfig, run
+from . import UserError
+
+
+def count_input_rows(source: str, limit: int | None) -> int | None:
+    """Rows in the input when cheap to know (for the ETA): JSONL lines or Parquet metadata."""
+    if source == "-":
+        return limit
+    p = Path(source)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+            if head == b"PAR1":
+                import pyarrow.parquet as pq
+
+                n = pq.ParquetFile(p).metadata.num_rows
+            else:
+                f.seek(0)
+                n, last = 0, b"\n"
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    n += chunk.count(b"\n")
+                    last = chunk[-1:]
+                n += last != b"\n"
+    except OSError:
+        return None
+    return min(n, limit) if limit is not None else n
+
+
+def build(source: str, out: Path, model_path: Path | None, opts: dict[str, Any]) -> RunConfig:
+    path = model_path or default_checkpoint()
+    if path is None:
+        raise UserError("no --model given and this build has no embedded model")
+    device = opts.get("device")
+    ctx_dev, den_dev = opts.get("ctx_device"), opts.get("den_device")
+    if (ctx_dev or den_dev) and device:
+        raise UserError("give --device, or --ctx-device/--den-device, not both")
+    for d in (device, ctx_dev, den_dev):
+        if d:
+            try:
+                dev = torch.device(d)
+            except RuntimeError:
+                raise UserError(f"unknown device {d!r}") from None
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise UserError(f"device {d!r} asked for, but CUDA is not available")
+    model = load_model(path, device=ctx_dev or device, dtype=opts.get("dtype")).eval()
+    if ctx_dev or den_dev:
+        place_towers_on_devices(model, ctx_dev or "cpu", den_dev or ctx_dev or "cpu")
+    tok = load_tokenizer(path)
+    defaults = DecodeParams(
+        mode=opts["mode"], gamma=opts["gamma"], block_size=opts["block"], steps_per_block=opts["steps"],
+        temperature=opts["temperature"], max_new_tokens=opts["max_new_tokens"], seed=opts["seed"],
+        mask_token_id=opts["mask_token_id"],
+    )
+    if defaults.mode != "ar" and model.ar_only:
+        raise UserError(f"{path} has no denoiser tower: only --mode ar works with it")
+    if defaults.mask_token_id >= model.config.vocab_size:
+        raise UserError(f"--mask-token-id {defaults.mask_token_id} is outside the vocabulary")
+    return RunConfig(
+        source=source, out_dir=out, model=model, tokenizer=tok, model_name=Path(path).resolve().name,
+        model_fingerprint=fingerprint(path), defaults=defaults, max_batch_rows=opts["max_batch_rows"],
+        max_batch_tokens=opts["max_batch_tokens"], rows_per_shard=opts["rows_per_shard"],
+        prompt_field=opts["prompt_field"], id_field=opts["id_field"], limit=opts["limit"],
+        overwrite=opts["overwrite"],
+    )
+
+
+class Display:
+    """A rich progress bar on stderr: rows, generated tokens/s, mean tokens per step, rejects, ETA."""
+
+    def __init__(self, total: int | None, quiet: bool):
+        self.bar = None
+        self.last = 0.0
+        if quiet:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        cols = [TextColumn("[bold]gen"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn()]
+        self.bar = Progress(*cols, console=console, transient=False)
+        self.task = self.bar.add_task("gen", total=total, info="")
+
+    def __enter__(self) -> Display:
+        if self.bar:
+            self.bar.start()
+        return self
+
+    def update(self, p: Progress, force: bool = False) -> None:
+        self.p = p
+        now = time.perf_counter()
+        if not self.bar or (now - self.last < 0.2 and not force):
+            return
+        self.last = now
+        el = max(now - p.started, 1e-9)
+        tps = p.tokens / p.steps if p.steps else 0.0
+        info = f"{p.tokens / el:,.0f} tok/s  {tps:.2f} tok/step  skipped {p.skipped}  rejected {p.rejected}"
+        if p.stopping:
+            info += "  [yellow]stopping…"
+        self.bar.update(self.task, completed=p.rows + p.skipped + p.rejected, info=info)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar:
+            if getattr(self, "p", None):
+                self.update(self.p, force=True)
+            self.bar.stop()
+
+
+def run_gen(source: str, out: Path, model_path: Path | None, opts: dict[str, Any]) -> int:
+    try:
+        cfg = build(source, out, model_path, opts)
+        total = count_input_rows(source, opts["limit"])
+        notes = (lambda m: print(f"note: {m}", file=sys.stderr)) if not opts["quiet"] else None
+        with Display(total, opts["quiet"]) as disp:
+            summary = run(cfg, on_result=disp.update, notes=notes)
+    except (InputError, RunDirError, ConfigError) as e:
+        raise UserError(str(e)) from None
+    if opts["fail_on_error"] and summary["rows_rejected"] and not summary["exit_code"]:
+        summary["exit_code"] = EXIT_REJECTS
+    print(json.dumps(summary))
+    if summary["rows_rejected"] and not opts["quiet"]:
+        print(f"note: {summary['rows_rejected']} row(s) rejected, see {summary['errors_file']}", file=sys.stderr)
+    return summary["exit_code"]

@@ -1,0 +1,17 @@
+"""`twotower stats DIR`: rows, modes, finish reasons, tokens-per-step histogram, throughput."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..io.stats import read_run, render_summary
+from . import UserError
+
+
+def run(out_dir: Path, as_json: bool) -> None:
+    try:
+        summary = read_run(out_dir)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise UserError(str(e)) from None
+    print(json.dumps(summary, indent=2, default=str) if as_json else render_summary(summary))
