@@ -275,12 +275,23 @@ def _bad_pattern(d):
     (d / "config.json").write_text(json.dumps(cfg))
 
 
+def _config_value(key, value):
+    def damage(d):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg[key] = value
+        (d / "config.json").write_text(json.dumps(cfg))
+
+    return damage
+
+
 BAD = {
     "missing directory": (lambda d: d.rename(d.with_name("moved")), "checkpoint directory not found"),
     "a file, not a directory": (lambda d: (shutil.rmtree(d), d.write_text("{}")), "not a directory"),
     "missing config": (lambda d: (d / "config.json").unlink(), "no config.json"),
     "bad JSON": (lambda d: (d / "config.json").write_text("{not json"), "bad config.json"),
     "invalid config": (_bad_pattern, "hybrid_override_pattern has 3 layers"),
+    "zero kv heads": (_config_value("num_key_value_heads", 0), "bad config.json"),
+    "fractional size": (_config_value("hidden_size", 3.5), "describes no buildable model"),
     "no weights": (lambda d: (d / "model.safetensors").unlink(), "no weights in"),
     "pickle only": (_pickle_only, "pickle checkpoints"),
     "missing shard": (_shard_gone, "references missing shard model-00002-of-00002.safetensors"),

@@ -70,8 +70,10 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     root = _checkpoint_dir(path)
     try:
         return ModelConfig.from_pretrained(root)
-    except ConfigError as e:
-        raise CheckpointError(f"bad config.json in {root}: {e}") from None
+    except (ConfigError, ValueError, TypeError, ArithmeticError, AttributeError) as e:
+        # ConfigError for the checks ModelConfig makes; the others for values of a wrong type
+        # or range that slip past them (e.g. num_key_value_heads = 0).
+        raise CheckpointError(f"bad config.json in {root}: {_one_line(e)}") from None
 
 
 def _weight_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
@@ -240,8 +242,11 @@ def load_model(
     root = _checkpoint_dir(path)
     cfg = read_config(root)
     entries, ar_only = _scan_headers(root)
-    with torch.device("meta"):
-        model = TwoTower(cfg, ar_only=ar_only, init=False)
+    try:
+        with torch.device("meta"):
+            model = TwoTower(cfg, ar_only=ar_only, init=False)
+    except (ValueError, TypeError, RuntimeError, ArithmeticError) as e:
+        raise CheckpointError(f"config.json in {root} describes no buildable model: {_one_line(e)}") from None
     _check_keys(model, entries, root)
     if isinstance(device, (tuple, list)):
         ctx_dev, den_dev = (torch.device(d) for d in device)
