@@ -104,3 +104,19 @@ def test_incremental_context_matches_transformers_full_forward():
         for a, b in ((0, 11), (11, 12), (12, 17)):
             got = model.context_extend(ids[:, a:b], state, logits=True)[0]
             torch.testing.assert_close(got, ref[b - 1], atol=1e-4, rtol=1e-4)
+
+
+def test_checkpoint_written_by_transformers_loads_ar_only(tmp_path):
+    """transformers' save_pretrained of NemotronH (config with `layers_block_type`, nulls; weights
+    `backbone.*` with one key per expert) loads as our context tower with the same logits."""
+    from twotower_cli import load_model
+
+    model = random_model(seed=8, ar_only=True)
+    hf = hf_twin(model)
+    hf.save_pretrained(str(tmp_path))
+    loaded = load_model(tmp_path)
+    assert loaded.ar_only and loaded.config.hybrid_override_pattern == model.config.hybrid_override_pattern
+    ids = rand_ids((2, 9), model.config.vocab_size, seed=9)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, use_cache=False).logits.float()
+        torch.testing.assert_close(loaded.context_logits(ids), ref, atol=1e-4, rtol=1e-4)

@@ -152,7 +152,15 @@ class ModelConfig:
     # ---- (de)serialisation ---------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        d = dict(d)
+        # transformers 5.x writes null for fields it derives (num_hidden_layers, torch_dtype, ...):
+        # treat null as absent, and read its layer list `layers_block_type` as the pattern.
+        d = {k: v for k, v in d.items() if v is not None}
+        kinds = d.pop("layers_block_type", None)
+        if isinstance(kinds, list) and "hybrid_override_pattern" not in d:
+            chars = {"linear_attention": "M", "mamba": "M", "full_attention": "*", "attention": "*",
+                     "moe": "E", "mlp": "-"}
+            d["hybrid_override_pattern"] = "".join(chars.get(k, "?") for k in kinds)
+            d.pop("num_hidden_layers", None)
         # Aliases used by some NemotronH configs.
         aliases = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_chunk_size": "chunk_size",
                    "mamba_conv_bias": "use_conv_bias", "dtype": "torch_dtype"}
