@@ -6,6 +6,7 @@ Data goes to stdout, progress and logs to stderr. Exit codes: 0 ok, 2 bad argume
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -115,4 +116,8 @@ def stats(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # before a run installs its own handlers (e.g. while loading a model)
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
