@@ -190,3 +190,25 @@ def test_bad_requests_are_refused(model):
         list(Engine(model).run([Request("x", [])]))
     with pytest.raises(ValueError, match="vocabulary"):
         list(Engine(model).run([Request("x", [100000])]))
+
+
+@pytest.mark.parametrize("overlap,mirror", [(True, False), (False, True), (True, True)])
+def test_two_device_bookkeeping_gives_identical_tokens(peaked, overlap, mirror):
+    """The two-device pipeline on CPU: a denoiser-side mirror updated incrementally after each
+    commit, and context commits run in a worker thread while the denoiser steps the other rows."""
+    rows = prompts(10, seed=5)
+    params = [DecodeParams(mode=["diffusion", "diffusion", "mock-ar", "ar"][i % 4], gamma=0.5 + 0.05 * i,
+                           max_new_tokens=6 + 5 * (i % 4), temperature=[0.0, 1.0][i % 2], seed=i)
+              for i in range(len(rows))]
+    ids = [str(i) for i in range(len(rows))]
+
+    def go(**kw):
+        reqs = [Request(i, r, p) for i, r, p in zip(ids, rows, params)]
+        out = {r.id: r for r in Engine(peaked, max_batch_rows=3, eos_ids=EOS, **kw).run(reqs)}
+        return [out[i] for i in ids]
+
+    plain = go(overlap=False, mirror=False)
+    other = go(overlap=overlap, mirror=mirror)
+    assert [r.tokens for r in other] == [r.tokens for r in plain]
+    keys = ("denoiser_steps", "context_forwards", "blocks", "finish_reason")
+    assert [[r.stats[k] for k in keys] for r in other] == [[r.stats[k] for k in keys] for r in plain]
