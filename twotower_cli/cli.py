@@ -115,6 +115,35 @@ def stats(
         cmd.run(out_dir, as_json)
 
 
+@app.command()
+def bench(
+    model: Annotated[Path | None, typer.Option(help="Checkpoint directory (default: the embedded tiny model).",
+                                               show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per (mode, γ) on stdout.")] = False,
+    n_per_task: Annotated[int, typer.Option(min=1, help="Held-out prompts per task.")] = 20,
+    batch: Annotated[int, typer.Option(min=1, help="Rows decoded together (1 = latency-bound, as the "
+                                                   "release's speed-up figure).")] = 1,
+    gammas: Annotated[str, typer.Option(help="Comma-separated γ values for diffusion.")] = "0.5,0.6,0.7,0.8,0.9,0.95",
+    block: Annotated[int, typer.Option(min=1, help="Block size S.")] = 16,
+    steps: Annotated[int, typer.Option(min=1, help="Steps per block T.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per row.")] = 64,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: torch's).")] = None,
+    seed: Annotated[int, typer.Option(help="Which held-out sample to draw.")] = 0,
+) -> None:
+    """AR vs mock-AR vs diffusion at several γ on held-out tasks: exact match, quality vs AR,
+    tokens per denoiser step, tokens/s and speed-up vs AR, measured in one run."""
+    from .commands import bench as cmd
+
+    with user_errors():
+        try:
+            gs = tuple(float(g) for g in gammas.split(",") if g.strip())
+        except ValueError:
+            raise cmd.UserError(f"--gammas must be comma-separated numbers, got {gammas!r}") from None
+        if not gs or any(not 0.0 <= g <= 1.0 for g in gs):
+            raise cmd.UserError("--gammas must be numbers in [0, 1]")
+        cmd.run(model, as_json, n_per_task, batch, gs, block, steps, max_new_tokens, threads, seed)
+
+
 def main() -> None:
     try:
         app()
