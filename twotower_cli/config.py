@@ -78,9 +78,15 @@ class ModelConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if "*" in p:
+            for name in ("num_attention_heads", "num_key_value_heads", "head_dim"):
+                if not getattr(self, name) > 0:
+                    raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
             if self.num_attention_heads % self.num_key_value_heads:
                 raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
         if "M" in p:
+            for name in ("mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups"):
+                if not getattr(self, name) > 0:
+                    raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
             if self.mamba_num_heads % self.n_groups:
                 raise ConfigError("mamba_num_heads must be a multiple of n_groups")
             if self.conv_kernel < 2:
@@ -212,14 +218,19 @@ class ModelConfig:
             q = self.num_attention_heads * self.head_dim
             kv = self.num_key_value_heads * self.head_dim
             n += H * (q + 2 * kv) + q * H
+            n += (q + 2 * kv + H) if self.attention_bias else 0
         elif kind == "moe":
             experts = self.num_experts_per_tok if active else self.n_routed_experts
             n += self.n_routed_experts * H + self.n_routed_experts  # router + correction bias
-            n += experts * 2 * H * self.moe_intermediate_size
-            n += self.n_shared_experts * 2 * H * self.moe_shared_expert_intermediate_size
+            n += experts * (2 * H * self.moe_intermediate_size + self._mlp_bias(self.moe_intermediate_size))
+            shared = self.n_shared_experts * self.moe_shared_expert_intermediate_size
+            n += 2 * H * shared + self._mlp_bias(shared)
         elif kind == "mlp":
-            n += 2 * H * self.intermediate_size
+            n += 2 * H * self.intermediate_size + self._mlp_bias(self.intermediate_size)
         return n
+
+    def _mlp_bias(self, inner: int) -> int:
+        return inner + self.hidden_size if self.mlp_bias else 0
 
     def param_counts(self) -> dict[str, int]:
         """Parameters per tower, both towers with the adaLN-single, and active per token.

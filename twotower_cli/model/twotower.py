@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import twotower_kernels as kernels
+
 from ..config import ModelConfig
 
 # ------------------------------------------------------------------------------------------------
@@ -208,6 +210,8 @@ class Mamba2(nn.Module):
 
         Returns (out (B, n, H), new conv_state, new ssm_state). With n_valid, positions at or after
         a row's n_valid[b] are padding: they do not change that row's returned states.
+        scan: "chunked" | "sequential" | "auto" (twotower_kernels' block scan for short blocks where
+        the dispatch picks Triton, i.e. on CUDA; "chunked" otherwise).
         """
         cfg = self.cfg
         Bsz, n, _ = h.shape
@@ -232,6 +236,8 @@ class Mamba2(nn.Module):
         A = -torch.exp(self.A_log.float())
         if scan == "sequential":
             y, new_ssm = ssd_sequential(x, dt, A, Bm, Cm, ssm_state.float())
+        elif scan == "auto" and n <= kernels.BLOCK_SCAN_MAX and kernels.backend(x.device) == "triton":
+            y, new_ssm = kernels.block_scan(x, dt, A, Bm, Cm, ssm_state.float())  # short seeded block
         else:
             y, new_ssm = ssd_chunked(x, dt, A, Bm, Cm, ssm_state.float(), min(cfg.chunk_size, max(n, 1)))
         y = y + x * self.D.float()[:, None]
@@ -321,6 +327,9 @@ class TowerState:
         self.lengths[rows] = other.lengths
         for j, (dst, src) in enumerate(zip(self.tensors(), other.tensors())):
             for i, t in src.items():
+                if i not in dst:  # a layer this state has not allocated yet
+                    shape = (self.batch, *t.shape[1:])
+                    dst[i] = t.new_zeros((shape[0], shape[1], max(shape[2], 16), shape[3]) if j < 2 else shape)
                 if j < 2:  # K/V: the other state's capacity may be smaller than ours
                     dst[i][rows, :, : t.shape[2]] = t
                 else:
