@@ -1,0 +1,202 @@
+"""Fused token choice and confidence over the vocabulary (SPEC.md §5), Triton + `confidence_ref`.
+
+For each (row, position) of the active block's logits (B, S, V):
+
+    pred = argmax(logits)                     at temperature <= 0
+         = argmax(logits / T + Gumbel noise)  otherwise (noise of `engine.decode.gumbel`)
+    conf = softmax(logits)[pred]              always at temperature 1
+    the mask id (when given) counts as -inf: never proposed, no probability mass
+
+The ref materialises softmax and the (B, S, V) noise; the kernel streams V in tiles with a running
+max / sum-exp / best score / best index, so nothing of size V is written. Ties go to the lowest
+vocab index, as torch.argmax does (first maximum).
+
+Noise: the kernel restates decode.gumbel's counter hash (murmur3's 32-bit finaliser over seed,
+row key, step, position, vocab id) in uint32 arithmetic, and its two logs in fp64, rounded to fp32
+once at the end as the ref does. It is bit-identical to decode.gumbel wherever the two fp64 `log`
+implementations (torch's vs Triton's libdevice or, interpreted, numpy's) agree; they are accurate
+to ~1 ulp of fp64, which the final rounding to fp32 hides except with probability ~1e-9 per value
+(tests: `gumbel_triton` == `decode.gumbel` bitwise). `conf` is the same probability computed in
+another order, within a few fp32 ulps (tests: rtol 1e-5).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import load_triton
+
+
+def confidence_ref(
+    logits: Tensor, temperature: Tensor, seed: Tensor, key: Tensor, pos: Tensor, step: Tensor,
+    mask_id: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The spec, in plain torch: what `engine.decode.choose` computes after masking `mask_id`.
+
+    logits (B, S, V) fp32; temperature (B,) (<= 0: greedy); seed, key, step (B,) int64;
+    pos (B, S) int64. Returns (pred (B, S) int64, conf (B, S) fp32).
+    """
+    # the engine owns the noise's definition; imported here so that this package imports alone
+    from twotower_cli.engine.decode import gumbel
+
+    if mask_id is not None:
+        logits = logits.clone()
+        logits[..., mask_id] = -float("inf")
+    greedy = temperature <= 0  # (B,)
+    scores = logits
+    if not bool(greedy.all()):
+        t = torch.where(greedy, torch.ones_like(temperature), temperature).to(logits)[:, None, None]
+        noisy = logits / t + gumbel(seed, key, pos, step, logits.shape[-1])
+        scores = torch.where(greedy[:, None, None].to(logits.device), logits, noisy)
+    pred = scores.argmax(-1)  # (B, S)
+    conf = torch.softmax(logits, dim=-1).gather(-1, pred[..., None])[..., 0]
+    return pred, conf
+
+
+# -- Triton -------------------------------------------------------------------------------------------
+
+
+# Filled by _kernels(). Triton looks a kernel's names up in its module's globals (the interpreter
+# re-executes the source there), so the jitted functions and `tl` are bound at module level.
+tl: Any = None
+mix32 = row_stream = noise = None
+
+
+@functools.cache
+def _kernels():
+    """Build the Triton kernels on first use (the dispatch imports triton; TRITON_INTERPRET is read here)."""
+    global tl, mix32, row_stream, noise
+    triton, tl = load_triton()
+
+    @triton.jit
+    def mix32(x):
+        # murmur3's finaliser; uint32 products wrap mod 2^32 like decode._mix32's masked int64 ones
+        x = x ^ (x >> 16)
+        x = x * 0x85EBCA6B
+        x = x ^ (x >> 13)
+        x = x * 0xC2B2AE35
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def row_stream(seed_ptr, key_ptr, step_ptr, pos_ptr, b, s, stride_pb, stride_ps):
+        # decode.row_stream for one (row, position); int64 -> uint32 keeps the low 32 bits
+        k = tl.load(key_ptr + b)
+        h = mix32(tl.load(seed_ptr + b).to(tl.uint32) ^ 0x9E3779B9)
+        h = mix32(h ^ k.to(tl.uint32))
+        h = mix32(h ^ (k >> 32).to(tl.uint32))
+        h = mix32(h ^ tl.load(step_ptr + b).to(tl.uint32))
+        return mix32(h ^ tl.load(pos_ptr + b * stride_pb + s * stride_ps).to(tl.uint32))
+
+    @triton.jit
+    def noise(h, offs):
+        # Gumbel(0, 1) for vocab ids `offs` of stream h: fp64 like decode.gumbel, one rounding to fp32
+        u = mix32(h ^ (offs.to(tl.uint32) * 0x27D4EB2F))
+        u = (u.to(tl.float64) + 0.5) * 2.3283064365386963e-10  # / 2^32, exact
+        return (-tl.log(-tl.log(u))).to(tl.float32)
+
+    @triton.jit
+    def confidence_kernel(
+        logits_ptr, temp_ptr, seed_ptr, key_ptr, pos_ptr, step_ptr, pred_ptr, conf_ptr,
+        S, V, mask_id, stride_lb, stride_ls, stride_pb, stride_ps,
+        HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        s = tl.program_id(1)
+        row = logits_ptr + b.to(tl.int64) * stride_lb + s.to(tl.int64) * stride_ls
+        temp = tl.load(temp_ptr + b)
+        sampled = temp > 0
+        h = row_stream(seed_ptr, key_ptr, step_ptr, pos_ptr, b, s, stride_pb, stride_ps)
+        lanes = tl.arange(0, BLOCK)
+        m = -float("inf")  # running max of the logits
+        z = 0.0  # running sum of exp(logit - m)
+        best = -float("inf")  # best score so far and its vocab index (first maximum wins)
+        best_i = 0
+        for start in range(0, V, BLOCK):
+            offs = start + lanes
+            x = tl.load(row + offs, mask=offs < V, other=-float("inf")).to(tl.float32)
+            if HAS_MASK:
+                x = tl.where(offs == mask_id, -float("inf"), x)
+            tile_m = tl.max(x, axis=0)
+            m_new = tl.maximum(m, tile_m)
+            # all -inf so far: nothing to rescale (avoids exp(-inf - -inf) = nan)
+            safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            z = z * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), axis=0)
+            m = m_new
+            if sampled:
+                score = tl.math.div_rn(x, temp) + noise(h, offs)  # IEEE division, as torch's
+                tile_best = tl.max(score, axis=0)
+            else:
+                score = x
+                tile_best = tile_m
+            tile_i = tl.min(tl.where(score == tile_best, offs, V), axis=0)  # lowest index of the max
+            take = tile_best > best  # strict: an earlier tile keeps a tie
+            best_i = tl.where(take, tile_i, best_i)
+            best = tl.where(take, tile_best, best)
+        logit = tl.load(row + best_i).to(tl.float32)
+        if HAS_MASK:
+            logit = tl.where(best_i == mask_id, -float("inf"), logit)
+        out = b.to(tl.int64) * S + s
+        tl.store(pred_ptr + out, best_i.to(tl.int64))
+        tl.store(conf_ptr + out, tl.math.div_rn(tl.exp(logit - m), z))
+
+    @triton.jit
+    def gumbel_kernel(seed_ptr, key_ptr, pos_ptr, step_ptr, out_ptr, S, V, stride_pb, stride_ps,
+                      BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        s = tl.program_id(1)
+        h = row_stream(seed_ptr, key_ptr, step_ptr, pos_ptr, b, s, stride_pb, stride_ps)
+        base = out_ptr + (b.to(tl.int64) * S + s) * V
+        for start in range(0, V, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            tl.store(base + offs, noise(h, offs), mask=offs < V)
+
+    return confidence_kernel, gumbel_kernel
+
+
+def _block(V: int) -> int:
+    return min(4096, max(16, 1 << (V - 1).bit_length()))
+
+
+def _row_args(seed: Tensor, key: Tensor, step: Tensor, pos: Tensor, dev: torch.device) -> tuple[Tensor, ...]:
+    return tuple(t.to(device=dev, dtype=torch.int64).contiguous() for t in (seed, key, step, pos))
+
+
+def confidence_triton(
+    logits: Tensor, temperature: Tensor, seed: Tensor, key: Tensor, pos: Tensor, step: Tensor,
+    mask_id: int | None = None, block: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`confidence_ref` as one fused Triton kernel: one program per (row, position), V in tiles of
+    `block` (a power of two; default: V rounded up, at most 4096)."""
+    kernel = _kernels()[0]
+    Bsz, S, V = logits.shape
+    dev = logits.device
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    seed, key, step, pos = _row_args(seed, key, step, pos, dev)
+    temp = temperature.to(device=dev, dtype=torch.float32).contiguous()
+    pred = torch.empty(Bsz, S, dtype=torch.int64, device=dev)
+    conf = torch.empty(Bsz, S, dtype=torch.float32, device=dev)
+    if pred.numel():
+        kernel[(Bsz, S)](
+            logits, temp, seed, key, pos, step, pred, conf,
+            S, V, -1 if mask_id is None else int(mask_id),
+            logits.stride(0), logits.stride(1), pos.stride(0), pos.stride(1),
+            HAS_MASK=mask_id is not None, BLOCK=block or _block(V), num_warps=8,
+        )
+    return pred, conf
+
+
+def gumbel_triton(seed: Tensor, key: Tensor, pos: Tensor, step: Tensor, vocab: int) -> Tensor:
+    """The kernel's noise written out (B, S, V) fp32: the twin of `engine.decode.gumbel` (tests)."""
+    _, kernel = _kernels()
+    dev = pos.device
+    seed, key, step, pos = _row_args(seed, key, step, pos, dev)
+    Bsz, S = pos.shape
+    out = torch.empty(Bsz, S, vocab, dtype=torch.float32, device=dev)
+    if out.numel():
+        kernel[(Bsz, S)](seed, key, pos, step, out, S, vocab, pos.stride(0), pos.stride(1), BLOCK=_block(vocab))
+    return out
