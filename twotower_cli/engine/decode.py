@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+import twotower_kernels as kernels
+
 _M32 = 0xFFFFFFFF
 
 
@@ -53,6 +55,8 @@ def choose(
     pred = argmax(logits) at temperature 0, else argmax(logits / T + Gumbel); conf is the
     temperature-1 probability of pred. Returns (pred (B, S) int64, conf (B, S) fp32).
     """
+    if kernels.backend(logits.device) == "triton":  # fused kernel (CUDA); the code below is its ref
+        return kernels.propose(logits, temperature, seed, key, pos, step)
     greedy = temperature <= 0  # (B,)
     scores = logits
     if not bool(greedy.all()):
