@@ -116,9 +116,13 @@ class Display:
             info += "  [yellow]stopping…"
         self.bar.update(self.task, completed=p.rows + p.skipped + p.rejected, info=info)
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         if self.bar:
-            if getattr(self, "p", None):
+            if exc_type is not None:
+                # An error (bad input, locked or mismatched directory) is reported as one line on
+                # stderr: erase the bar instead of leaving it above the message.
+                self.bar.live.transient = True
+            elif getattr(self, "p", None):
                 self.update(self.p, force=True)
             self.bar.stop()
 
