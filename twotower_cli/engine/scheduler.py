@@ -22,7 +22,7 @@ way each row sees the same sequence of forwards, so its tokens are the same.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -74,7 +74,7 @@ class Engine:
     """
 
     def __init__(self, model: TwoTower, *, max_batch_rows: int = 32, max_batch_tokens: int = 16384,
-                 eos_ids: Iterable[int] | None = None, scan: str = "chunked", capacity: int = 256,
+                 eos_ids: Iterable[int] | None = None, scan: str = "auto", capacity: int = 256,
                  overlap: bool | None = None, mirror: bool | None = None):
         if max_batch_rows < 1 or max_batch_tokens < 1:
             raise ValueError("max_batch_rows and max_batch_tokens must be at least 1")
@@ -94,7 +94,9 @@ class Engine:
 
     # ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, requests: Iterable[Request]) -> Iterator[Result]:
+    def run(self, requests: Iterable[Request], stop: Callable[[], bool] | None = None) -> Iterator[Result]:
+        """`stop()` is asked before every step: True abandons the rows in flight and returns (a
+        second SIGTERM must not wait for long rows to finish)."""
         source = iter(requests)
         pool = SlotPool(self.model, self.max_batch_rows, self.capacity, self.den_device, self.mirror)
         worker = ThreadPoolExecutor(1, thread_name_prefix="context-tower") if self.overlap else None
@@ -103,6 +105,8 @@ class Engine:
         exhausted = False
         try:
             while True:
+                if stop is not None and stop():
+                    return
                 if pool.free() and (held or not exhausted):
                     new, longest = [], 0
                     while len(new) < pool.free():
