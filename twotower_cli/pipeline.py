@@ -117,8 +117,8 @@ def run(cfg: RunConfig, on_result: Callable[[Progress], None] | None = None,
                 if prog.stopping:
                     return  # take no new rows; the engine finishes those in flight
                 if isinstance(item, RejectedRow):
-                    if rd.errors.add(item):
-                        prog.rejected += 1
+                    rd.errors.add(item)  # logged once across resumes, counted on every run that reads it
+                    prog.rejected += 1
                     continue
                 yield item
 
