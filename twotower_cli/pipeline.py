@@ -123,7 +123,7 @@ def run(cfg: RunConfig, on_result: Callable[[Progress], None] | None = None,
                 yield item
 
         last_commit = time.monotonic()
-        for res in engine.run(requests()):
+        for res in engine.run(requests(), stop=lambda: prog.stopping > 1):
             rd.add(_record(res, cfg))
             prog.rows += 1
             prog.tokens += res.stats["completion_tokens"]
