@@ -21,13 +21,30 @@ rename and the manifest update leaves a committed shard that the next open adopt
 before the rename leaves a .tmp that the next open deletes, and those rows are simply not done.
 So a crash at any instant loses no committed row and a resume writes no row twice (the writer
 refuses ids in the done set).
+
+Partitioned runs (job arrays: `--num-shards N --shard-index I`, see io.partition). Each of the N
+tasks writes the same directory under names tagged `s<I>-of-<N>`, so it has its own of everything:
+
+    part-s0003-of-0008-00000.parquet   its shards (`part-*.parquet` globs all tasks' shards)
+    .manifest-s0003-of-0008.json       its manifest, .errors-s0003-of-0008.jsonl its rejects
+    .lock-s0003-of-0008                flock'ed for its whole run (a second copy of task I is refused)
+
+A task recovers and resumes from its own shards only (partitions are disjoint, so the union of
+N exactly-once tasks is exactly once). The fingerprint gains `num_shards`, and every task checks
+its fingerprint against every manifest in the directory, so tasks with another N or other
+settings (or an unpartitioned run) are refused; that check-then-write runs under a brief flock
+of `.lock`, which an unpartitioned run holds for its whole run, so the two layouts never write
+the directory at the same time. A task never touches another task's files, except that
+--overwrite removes those of conflicting settings, each under its owner's lock.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import re
 import socket
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -36,13 +53,46 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .partition import Partition
 from .schema import META_FINGERPRINT, SCHEMA_VERSION
-from .writer import SHARD_RE, TMP_SUFFIX, ErrorLog, ShardInfo, ShardWriter, atomic_write_bytes, fsync_dir
+from .writer import ANY_SHARD_RE, TMP_SUFFIX, ErrorLog, ShardInfo, ShardWriter, atomic_write_bytes, fsync_dir, shard_re
 
 MANIFEST = ".manifest.json"
 ERRORS = ".errors.jsonl"
 LOCK = ".lock"
 MANIFEST_FORMAT = "twotower-run"
+_TAG = r"s\d{4,}-of-\d{4,}"
+MANIFEST_RE = re.compile(rf"^\.manifest(?:-(?P<tag>{_TAG}))?\.json$")
+ERRORS_RE = re.compile(rf"^\.errors(?:-(?P<tag>{_TAG}))?\.jsonl$")
+LOCK_RE = re.compile(rf"^\.lock(?:-(?P<tag>{_TAG}))?$")
+OPEN_WAIT_S = 60.0  # how long a partition task waits for another task's brief hold of `.lock`
+
+
+def manifest_name(tag: str | None = None) -> str:
+    return MANIFEST if tag is None else f".manifest-{tag}.json"
+
+
+def errors_name(tag: str | None = None) -> str:
+    return ERRORS if tag is None else f".errors-{tag}.jsonl"
+
+
+def lock_name(tag: str | None = None) -> str:
+    return LOCK if tag is None else f".lock-{tag}"
+
+
+_NOT_OURS = object()
+
+
+def scope_of(entry: str) -> str | None | object:
+    """Which layout a directory entry belongs to: None (unpartitioned), a partition tag, or
+    _NOT_OURS. A temporary or set-aside file (`.NAME.tmp`, `.NAME.corrupt`) belongs to NAME's."""
+    for suffix in (TMP_SUFFIX, ".corrupt"):
+        if entry.startswith(".") and entry.endswith(suffix) and len(entry) > len(suffix) + 1:
+            return scope_of(entry[1: -len(suffix)])
+    for rx in (ANY_SHARD_RE, MANIFEST_RE, ERRORS_RE, LOCK_RE):
+        if m := rx.match(entry):
+            return m.group("tag")
+    return _NOT_OURS
 
 
 class RunDirError(Exception):
@@ -110,26 +160,37 @@ class RunLock:
     POSIX only (fcntl): the tool targets Linux/macOS batch machines.
     """
 
-    def __init__(self, out_dir: Path):
-        self.path = out_dir / LOCK
+    def __init__(self, out_dir: Path, name: str = LOCK):
+        self.path = out_dir / name
         self._fd: int | None = None
         self.stale: dict[str, Any] | None = None
 
-    def acquire(self) -> None:
+    def acquire(self, *, brief: bool = False, wait_s: float = 0.0, what: str = "another run") -> None:
+        """brief: this hold lasts only while a partition task opens the directory (the holder
+        note says so). wait_s: keep retrying while the holder is such a brief one."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}" if holder else "another process"
-            since = f" since {holder['started_at']}" if holder and "started_at" in holder else ""
-            raise LockError(f"{self.path.parent} is locked by {who}{since}: another run is writing it") from None
-        except OSError as e:
-            os.close(fd)
-            raise RunDirError(f"cannot lock {self.path}: {e.strerror or e}") from None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                # An empty note: the holder has just locked and not yet written it.
+                if (not holder or holder.get("brief")) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                os.close(fd)
+                who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}" if holder else "another process"
+                since = f" since {holder['started_at']}" if holder and "started_at" in holder else ""
+                raise LockError(f"{self.path.parent} is locked by {who}{since}: {what} is writing it") from None
+            except OSError as e:
+                os.close(fd)
+                raise RunDirError(f"cannot lock {self.path}: {e.strerror or e}") from None
         self.stale = _read_holder(fd) or None
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": _now()}
+        if brief:
+            me["brief"] = True
         os.ftruncate(fd, 0)
         os.pwrite(fd, orjson.dumps(me) + b"\n", 0)
         os.fsync(fd)
@@ -180,23 +241,35 @@ class RunDir:
         overwrite: bool = False,
         rows_per_shard: int = 10_000,
         row_group_rows: int = 1_000,
+        partition: Partition | None = None,
     ):
         self.out_dir = Path(out_dir)
+        # A partition of one is the whole input: the unpartitioned layout.
+        self.partition = partition if partition is not None and partition.count > 1 else None
+        self.tag = self.partition.tag if self.partition else None
+        if self.partition:
+            fingerprint = {**fingerprint, "num_shards": self.partition.count}
         self.fingerprint = normalize_fingerprint(fingerprint)
+        self.manifest_path = self.out_dir / manifest_name(self.tag)
         self.notes: list[str] = []
         self.done_ids: set[str] = set()
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RunDirError(f"cannot create {self.out_dir}: {e.strerror or e}") from None
-        self._lock = RunLock(self.out_dir)
-        self._lock.acquire()
+        self._lock = RunLock(self.out_dir, lock_name(self.tag))
+        self._lock.acquire(what=f"task {self.tag} of another run" if self.tag else "another run")
+        dir_lock = None
         try:
-            if self._lock.stale:
-                s = self._lock.stale
-                self.notes.append(f"took over the lock of pid {s.get('pid')} on {s.get('host')}, which is gone")
+            if self.tag:  # held only while opening (see the module docstring)
+                dir_lock = RunLock(self.out_dir)
+                dir_lock.acquire(brief=True, wait_s=OPEN_WAIT_S, what="an unpartitioned run")
+            for lk in (self._lock, dir_lock):
+                if lk is not None and lk.stale and not lk.stale.get("brief"):
+                    s = lk.stale
+                    self.notes.append(f"took over the lock of pid {s.get('pid')} on {s.get('host')}, which is gone")
             self._open(overwrite)
-            self.errors = ErrorLog(self.out_dir / ERRORS)
+            self.errors = ErrorLog(self.out_dir / errors_name(self.tag))
             self.writer = ShardWriter(
                 self.out_dir,
                 {META_FINGERPRINT: orjson.dumps(self.fingerprint, option=orjson.OPT_SORT_KEYS).decode()},
@@ -205,10 +278,14 @@ class RunDir:
                 start_index=self._next_index,
                 done=self.done_ids,
                 on_commit=self._on_commit,
+                tag=self.tag,
             )
         except BaseException:
             self._lock.release()
             raise
+        finally:
+            if dir_lock is not None:
+                dir_lock.release()
         self._closed = False
 
     # ---- public ---------------------------------------------------------------------------------
@@ -247,52 +324,103 @@ class RunDir:
 
     # ---- open / recover -------------------------------------------------------------------------
     def _open(self, overwrite: bool) -> None:
+        own = self.tag
         entries = sorted(os.listdir(self.out_dir))
-        removed = [e for e in entries if e.startswith(".") and e.endswith(TMP_SUFFIX)]
+        scope = {e: scope_of(e) for e in entries}
+        # Temporary files of this layout only: another task's are its work in progress. An
+        # unpartitioned run also removes hidden .tmp files of no known layout, as it always has.
+        removed = [e for e in entries if e.startswith(".") and e.endswith(TMP_SUFFIX)
+                   and (scope[e] == own or (own is None and scope[e] is _NOT_OURS))]
         for e in removed:
             (self.out_dir / e).unlink(missing_ok=True)
         if removed:
             fsync_dir(self.out_dir)
             self.notes.append(f"removed {len(removed)} uncommitted temporary file(s) left by a crash")
-        entries = [e for e in entries if e not in removed]
-        manifest, bad_manifest = self._load_manifest()
-        ours = {e for e in entries if SHARD_RE.match(e) or e in (MANIFEST, ERRORS, LOCK)}
-        ours |= {e for e in entries if e.startswith(".part-") and e.endswith(".corrupt")}
+        entries = [e for e in entries if e not in removed and not e.endswith(TMP_SUFFIX)]
+        manifest, bad_manifest = self._load_manifest(own)
+        ours = {e for e in entries if scope[e] == own}
+        mine = self.manifest_path.name
+        lock = lock_name(own)
+        # Other layouts' entries (other tasks, or the unpartitioned layout), by layout.
+        others: dict[str | None, set[str]] = {}
+        for e in entries:
+            if scope[e] is not _NOT_OURS and scope[e] != own:
+                others.setdefault(scope[e], set()).add(e)
+        other_manifests = {sc: self._load_manifest(sc)[0] for sc in others}
         # Hidden entries that are not ours (.DS_Store, .nfs*) are invisible to loaders: ignore them.
-        foreign = [e for e in entries if e not in ours and not e.startswith(".")]
-        if manifest is not None and any(e.endswith(".parquet") for e in foreign):
+        foreign = [e for e in entries if scope[e] is _NOT_OURS and not e.startswith(".")]
+        any_manifest = manifest is not None or any(m is not None for m in other_manifests.values())
+        if any_manifest and any(e.endswith(".parquet") for e in foreign):
             self.notes.append("other *.parquet files in the directory will be picked up by dataset loaders")
         if manifest is None:
-            if foreign:
+            if foreign and not any_manifest:
                 raise RunDirError(
                     f"{self.out_dir} is not empty and is not a twotower output directory "
-                    f"(no {MANIFEST}; found {', '.join(foreign[:3])}); choose an empty or new directory"
+                    f"(no {mine}; found {', '.join(foreign[:3])}); choose an empty or new directory"
                 )
-            if (ours - {LOCK}) and not overwrite:
-                why = f"its {MANIFEST} is unreadable ({bad_manifest})" if bad_manifest else f"it has no {MANIFEST}"
+            if (ours - {lock}) and not overwrite:
+                why = f"its {mine} is unreadable ({bad_manifest})" if bad_manifest else f"it has no {mine}"
                 raise RunDirError(f"{self.out_dir} holds twotower outputs but {why}; pass --overwrite")
         elif not overwrite:
-            if manifest.get("schema_version") != SCHEMA_VERSION:
-                raise RunDirError(
-                    f"{self.out_dir} was written with output schema version {manifest.get('schema_version')}; "
-                    f"this version writes {SCHEMA_VERSION}: use another output directory or --overwrite"
-                )
-            diffs = fingerprint_diff(manifest.get("fingerprint") or {}, self.fingerprint)
-            if diffs:
-                raise FingerprintMismatch(self.out_dir, diffs)
-        if overwrite and (ours - {LOCK}):
-            self._clear(sorted(ours - {LOCK, MANIFEST}))
-            manifest = None
+            self._check_compatible(manifest)
+        conflicts = []  # other layouts written with other settings: refused, or cleared by --overwrite
+        for sc, names in sorted(others.items(), key=lambda kv: kv[0] or ""):
+            if not names - {lock_name(sc)}:
+                continue  # only a lock file: that layout never wrote anything (or was cleared)
+            if not overwrite:
+                m = other_manifests[sc]
+                if m is None:
+                    raise RunDirError(
+                        f"{self.out_dir} holds twotower outputs of {_layout(sc)} without a readable "
+                        f"{manifest_name(sc)} ({', '.join(sorted(names)[:2])}); pass --overwrite"
+                    )
+                self._check_compatible(m)
+            elif other_manifests[sc] is None or self._incompatible(other_manifests[sc]):
+                conflicts.append(sc)
+        if overwrite:
+            cleared = 0
+            for sc in conflicts:
+                cleared += self._clear_layout(sc, sorted(others[sc] - {lock_name(sc)}))
+            if ours - {lock}:
+                cleared += self._clear_layout(own, sorted(ours - {lock, mine}))
+                manifest = None
+            if cleared:
+                self.notes.append(f"--overwrite: removed {cleared} file(s) of the previous run")
         if manifest is None:
             manifest = {"format": MANIFEST_FORMAT, "schema_version": SCHEMA_VERSION,
                         "fingerprint": self.fingerprint, "created_at": _now(), "shards": []}
+            if self.partition:
+                manifest["partition"] = {"index": self.partition.index, "count": self.partition.count}
         manifest["complete"] = False  # until this run's close(complete=True)
         self._manifest = manifest
         self._recover_shards()
         self._save()
 
-    def _load_manifest(self) -> tuple[dict[str, Any] | None, str | None]:
-        p = self.out_dir / MANIFEST
+    def _incompatible(self, m: dict[str, Any]) -> bool:
+        return m.get("schema_version") != SCHEMA_VERSION or bool(
+            fingerprint_diff(m.get("fingerprint") or {}, self.fingerprint))
+
+    def _check_compatible(self, m: dict[str, Any]) -> None:
+        """Raise unless the manifest `m` (this layout's or another task's) matches this run."""
+        if m.get("schema_version") != SCHEMA_VERSION:
+            raise RunDirError(
+                f"{self.out_dir} was written with output schema version {m.get('schema_version')}; "
+                f"this version writes {SCHEMA_VERSION}: use another output directory or --overwrite"
+            )
+        diffs = fingerprint_diff(m.get("fingerprint") or {}, self.fingerprint)
+        if set(diffs) == {"num_shards"}:  # the same settings, another partitioning: say so plainly
+            theirs = diffs["num_shards"][0]
+            was = "an unpartitioned run" if theirs is _ABSENT else f"a run with --num-shards {theirs}"
+            now = f"--num-shards {self.partition.count}" if self.partition else "no --num-shards"
+            raise RunDirError(
+                f"{self.out_dir} holds {was}; this run has {now}: every task of a job array must use "
+                "the same --num-shards (use another output directory, or --overwrite to discard it)"
+            )
+        if diffs:
+            raise FingerprintMismatch(self.out_dir, diffs)
+
+    def _load_manifest(self, tag: str | None = None) -> tuple[dict[str, Any] | None, str | None]:
+        p = self.out_dir / manifest_name(tag)
         try:
             m = orjson.loads(p.read_bytes())
         except FileNotFoundError:
@@ -303,19 +431,30 @@ class RunDir:
             return None, "not a twotower manifest"
         return m, None
 
-    def _clear(self, names: list[str]) -> None:
-        """--overwrite. Shards go first, the manifest is replaced last: a crash midway leaves the
-        old run's manifest with a subset of its shards, itself a valid resumable state."""
-        for n in names:
-            (self.out_dir / n).unlink(missing_ok=True)
-        fsync_dir(self.out_dir)
-        self.notes.append(f"--overwrite: removed {len(names)} file(s) of the previous run")
+    def _clear_layout(self, tag: str | None, names: list[str]) -> int:
+        """--overwrite. Shards go first, the manifest is replaced (or, for another layout, removed)
+        last: a crash midway leaves a manifest with a subset of its shards, itself a valid
+        resumable state. Another task's files are removed under that task's lock."""
+        lock = None
+        if tag is not None and tag != self.tag:
+            lock = RunLock(self.out_dir, lock_name(tag))
+            lock.acquire(what=f"task {tag} of another run")
+        try:
+            m = manifest_name(tag)
+            for n in sorted(names, key=lambda n: n == m):
+                (self.out_dir / n).unlink(missing_ok=True)
+            fsync_dir(self.out_dir)
+        finally:
+            if lock is not None:
+                lock.release()
+        return len(names)
 
     def _recover_shards(self) -> None:
-        """Rebuild done ids from the committed shards; reconcile the manifest's shard list."""
+        """Rebuild done ids from this layout's committed shards; reconcile the manifest's shard list."""
         listed = {s["name"]: s for s in self._manifest.get("shards", [])}
-        present = sorted(e for e in os.listdir(self.out_dir) if SHARD_RE.match(e))
-        indices = [int(m.group(1)) for n in (*present, *listed) if (m := SHARD_RE.match(n))]
+        rx = shard_re(self.tag)
+        present = sorted(e for e in os.listdir(self.out_dir) if rx.match(e))
+        indices = [int(m.group(1)) for n in (*present, *listed) if (m := rx.match(n))]
         self._next_index = max(indices, default=-1) + 1
         shards, dupes = [], 0
         for name in present:
@@ -336,7 +475,7 @@ class RunDir:
                 self.notes.append(f"adopted {name}, committed just before an interruption")
             shards.append({"name": name, "rows": len(ids), "bytes": path.stat().st_size})
         for name in sorted(set(listed) - set(present)):
-            self.notes.append(f"{name} is listed in {MANIFEST} but missing; its rows will be redone")
+            self.notes.append(f"{name} is listed in {self.manifest_path.name} but missing; its rows will be redone")
         if dupes:
             self.notes.append(f"{dupes} id(s) appear in more than one shard (files were copied in by hand?)")
         self._manifest["shards"] = shards
@@ -352,4 +491,8 @@ class RunDir:
         m["rows"] = sum(s["rows"] for s in m["shards"])
         m["rejected"] = self.errors.count if hasattr(self, "errors") else m.get("rejected", 0)
         m["updated_at"] = _now()
-        atomic_write_bytes(self.out_dir / MANIFEST, orjson.dumps(m, option=orjson.OPT_INDENT_2))
+        atomic_write_bytes(self.manifest_path, orjson.dumps(m, option=orjson.OPT_INDENT_2))
+
+
+def _layout(tag: str | None | object) -> str:
+    return "an unpartitioned run" if tag is None else f"task {tag}"

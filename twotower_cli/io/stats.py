@@ -1,7 +1,9 @@
 """`twotower stats`: summarise an output directory from its committed shards, read-only.
 
 Takes no lock and reads only `part-*.parquet` (plus .manifest.json and .errors.jsonl when present),
-so it can watch a run in progress: it sees exactly the committed rows. Columns are streamed in
+so it can watch a run in progress: it sees exactly the committed rows. A partitioned run (a job
+array, see io.partition) is summarised as one: the union of every task's shards, manifests and
+rejects. Columns are streamed in
 record batches and aggregated with pyarrow.compute, so memory stays flat for any run size.
 """
 
@@ -18,8 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import MODES
-from .manifest import ERRORS, MANIFEST
-from .writer import SHARD_RE, read_errors
+from .manifest import ERRORS_RE, MANIFEST_RE
+from .writer import ANY_SHARD_RE, read_errors
 
 # Tokens-per-step bins: AR and mock-AR sit at exactly 1; diffusion spreads up to the block size.
 TPS_EDGES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
@@ -38,8 +40,9 @@ def read_run(out_dir: str | Path) -> dict[str, Any]:
     out = Path(out_dir)
     if not out.is_dir():
         raise FileNotFoundError(f"{out} is not a directory")
-    manifest = _read_manifest(out / MANIFEST)
-    shards = sorted(e for e in os.listdir(out) if SHARD_RE.match(e))
+    entries = sorted(os.listdir(out))
+    manifest, partition = _read_manifests(out, [e for e in entries if MANIFEST_RE.match(e)])
+    shards = [e for e in entries if ANY_SHARD_RE.match(e)]
     modes: Counter[str] = Counter()
     finish: Counter[str] = Counter()
     sums = dict.fromkeys(_SUMS, 0)
@@ -83,7 +86,9 @@ def read_run(out_dir: str | Path) -> dict[str, Any]:
         "complete": (manifest or {}).get("complete"),
         "shards": len(shards),
         "rows": rows,
-        "rejected": len({(r.get("line_no"), r.get("reason")) for r in read_errors(out / ERRORS)}),
+        "partition": partition,
+        "rejected": len({(r.get("line_no"), r.get("reason"))
+                         for e in entries if ERRORS_RE.match(e) for r in read_errors(out / e)}),
         "modes": _ordered(modes, MODES),
         "finish_reasons": dict(finish.most_common()),
         **sums,
@@ -101,6 +106,20 @@ def read_run(out_dir: str | Path) -> dict[str, Any]:
             "completion_tokens_per_s": sums["completion_tokens"] / wall if wall else None,
         },
     }
+
+
+def _read_manifests(out: Path, names: list[str]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The run's manifest and, for a partitioned run, how many of its tasks have started and
+    finished: the tasks' manifests agree on the fingerprint; `complete` means all N complete."""
+    ms = [m for n in names if (m := _read_manifest(out / n)) is not None]
+    parts = [m for m in ms if isinstance(m.get("partition"), dict)]
+    if not parts:
+        return (ms[0] if ms else None), None
+    n = max(int(m["partition"].get("count") or 0) for m in parts)
+    done = sum(bool(m.get("complete")) for m in parts)
+    first = parts[0]
+    merged = {**first, "complete": len(parts) == n and done == n}
+    return merged, {"num_shards": n, "tasks_started": len(parts), "tasks_complete": done}
 
 
 def _read_manifest(p: Path) -> dict[str, Any] | None:
@@ -150,6 +169,8 @@ def render_summary(s: dict[str, Any]) -> str:
     lines = [
         f"{s['out_dir']}  ({state}, schema v{s['schema_version'] or '?'})",
         f"  rows        {s['rows']:,} in {s['shards']} shard(s); rejected {s['rejected']:,}",
+        *([f"  tasks       {p['tasks_complete']} of {p['num_shards']} complete, {p['tasks_started']} started"]
+          if (p := s.get("partition")) else []),
         "  modes       " + (", ".join(f"{m} {n:,}" for m, n in s["modes"].items()) or "-"),
         "  finish      " + (", ".join(f"{m} {n:,}" for m, n in s["finish_reasons"].items()) or "-"),
         f"  tokens      prompt {s['prompt_tokens']:,}, completion {s['completion_tokens']:,}",

@@ -5,6 +5,9 @@ loader ever sees it), closed, fsynced, renamed to `part-NNNNN.parquet` and the d
 The rename is the commit point: a committed shard is a complete Parquet file that survives power
 loss, and anything not yet renamed is disposable (its rows are not done and will be regenerated).
 
+A shard of a partitioned run (`--num-shards N --shard-index I`, see io.partition) carries its
+partition's tag in its name: `part-s0003-of-0008-00000.parquet`, so N writers never collide.
+
 Neither class is thread-safe or reentrant. In particular do not call `flush()` from inside a
 signal handler that may interrupt `add()`: set a flag there and flush from the main loop.
 """
@@ -24,12 +27,19 @@ import pyarrow.parquet as pq
 
 from .schema import RejectedRow, check_record, output_schema
 
-SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")  # the unpartitioned layout; group 1: the index
+# Every shard of any layout: `tag` is None for an unpartitioned shard.
+ANY_SHARD_RE = re.compile(r"^part-(?:(?P<tag>s\d{4,}-of-\d{4,})-)?(?P<index>\d{5,})\.parquet$")
 TMP_SUFFIX = ".tmp"
 
 
-def shard_name(index: int) -> str:
-    return f"part-{index:05d}.parquet"
+def shard_re(tag: str | None = None) -> re.Pattern[str]:
+    """The shard names of one layout (group 1: the index): SHARD_RE, or those of partition `tag`."""
+    return SHARD_RE if tag is None else re.compile(rf"^part-{re.escape(tag)}-(\d{{5,}})\.parquet$")
+
+
+def shard_name(index: int, tag: str | None = None) -> str:
+    return f"part-{index:05d}.parquet" if tag is None else f"part-{tag}-{index:05d}.parquet"
 
 
 def tmp_name(name: str) -> str:
@@ -95,6 +105,7 @@ class ShardWriter:
         start_index: int = 0,
         done: set[str] | None = None,
         on_commit: Callable[[ShardInfo], None] | None = None,
+        tag: str | None = None,
     ):
         if rows_per_shard < 1 or row_group_rows < 1:
             raise ValueError("rows_per_shard and row_group_rows must be positive")
@@ -103,6 +114,7 @@ class ShardWriter:
         self.rows_per_shard = rows_per_shard
         self.row_group_rows = min(row_group_rows, rows_per_shard)
         self.next_index = start_index
+        self.tag = tag  # a partition's tag in every shard name (see shard_name)
         self.done = done if done is not None else set()
         self.on_commit = on_commit
         self.committed: list[ShardInfo] = []
@@ -200,7 +212,7 @@ class ShardWriter:
 
     # ---- internals ------------------------------------------------------------------------------
     def _open(self) -> None:
-        name = shard_name(self.next_index)
+        name = shard_name(self.next_index, self.tag)
         self._tmp = self.out_dir / tmp_name(name)
         self._pq = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
 
@@ -222,7 +234,7 @@ class ShardWriter:
         self._pq.close()
         self._pq = None
         fsync_path(self._tmp)
-        name = shard_name(self.next_index)
+        name = shard_name(self.next_index, self.tag)
         final = self.out_dir / name
         os.replace(self._tmp, final)  # the commit point
         self._tmp = None
