@@ -163,3 +163,53 @@ def test_overwrite_clears_conflicting_layouts_keeps_same_settings(tmp_path):
     write_task(out, None, range(5), fp=new, overwrite=True)
     assert sorted(all_ids(out), key=int) == [str(i) for i in range(5)]
     assert read_run(out)["partition"] is None
+
+
+def test_task_files_without_manifest_refused(tmp_path):
+    out = tmp_path / "out"
+    write_task(out, Partition(0, 2), range(10))
+    write_task(out, Partition(1, 2), range(10))
+    (out / manifest_name("s0001-of-0002")).unlink()
+    with pytest.raises(RunDirError, match=r"task s0001-of-0002 without a readable \.manifest-s0001-of-0002\.json"):
+        RunDir(out, FP, partition=Partition(0, 2))
+
+
+def test_tasks_of_two_job_arrays_opening_at_once(tmp_path, monkeypatch):
+    """Tasks of a 3-way and a 2-way array open an empty directory at the same time, with the
+    window between the fingerprint check and the manifest write widened: the check-then-write
+    under `.lock` lets only one N in (without that lock, all four get in)."""
+    import threading
+    import time
+
+    slow = RunDir._recover_shards
+
+    def recover_slowly(self):
+        time.sleep(0.3)
+        slow(self)
+
+    monkeypatch.setattr(RunDir, "_recover_shards", recover_slowly)
+    out = tmp_path / "out"
+    out.mkdir()
+    results: dict[tuple[int, int], str] = {}
+    go = threading.Barrier(4)
+
+    def task(i: int, n: int) -> None:
+        go.wait()
+        try:
+            RunDir(out, FP, partition=Partition(i, n)).close()
+            results[i, n] = "ok"
+        except RunDirError as e:
+            results[i, n] = str(e)
+
+    threads = [threading.Thread(target=task, args=t) for t in [(0, 3), (0, 2), (1, 3), (1, 2)]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    winners = {n for (_, n), r in results.items() if r == "ok"}
+    assert len(winners) == 1, results
+    (n,) = winners
+    assert sum(r == "ok" for r in results.values()) == 2, results  # both tasks of the winning array
+    assert all("--num-shards" in r for r in results.values() if r != "ok"), results
+    manifests = sorted(p.name for p in out.glob(".manifest*"))
+    assert len(manifests) == 2 and all(f"-of-000{n}." in m for m in manifests), manifests

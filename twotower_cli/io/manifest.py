@@ -346,10 +346,9 @@ class RunDir:
         for e in entries:
             if scope[e] is not _NOT_OURS and scope[e] != own:
                 others.setdefault(scope[e], set()).add(e)
-        other_manifests = {sc: self._load_manifest(sc)[0] for sc in others}
         # Hidden entries that are not ours (.DS_Store, .nfs*) are invisible to loaders: ignore them.
         foreign = [e for e in entries if scope[e] is _NOT_OURS and not e.startswith(".")]
-        any_manifest = manifest is not None or any(m is not None for m in other_manifests.values())
+        any_manifest = manifest is not None or any(manifest_name(sc) in names for sc, names in others.items())
         if any_manifest and any(e.endswith(".parquet") for e in foreign):
             self.notes.append("other *.parquet files in the directory will be picked up by dataset loaders")
         if manifest is None:
@@ -363,20 +362,30 @@ class RunDir:
                 raise RunDirError(f"{self.out_dir} holds twotower outputs but {why}; pass --overwrite")
         elif not overwrite:
             self._check_compatible(manifest)
-        conflicts = []  # other layouts written with other settings: refused, or cleared by --overwrite
+        # Other layouts: refused when written with other settings, or cleared by --overwrite. Every
+        # manifest was checked against those present when it was written (under `.lock`), so they
+        # all agree and checking one of them is enough: a job array of N tasks opening at once
+        # reads N manifests in all, not N x N, while each holds `.lock`.
+        conflicts, checked = [], False
         for sc, names in sorted(others.items(), key=lambda kv: kv[0] or ""):
             if not names - {lock_name(sc)}:
                 continue  # only a lock file: that layout never wrote anything (or was cleared)
-            if not overwrite:
-                m = other_manifests[sc]
-                if m is None:
-                    raise RunDirError(
-                        f"{self.out_dir} holds twotower outputs of {_layout(sc)} without a readable "
-                        f"{manifest_name(sc)} ({', '.join(sorted(names)[:2])}); pass --overwrite"
-                    )
+            if overwrite:
+                m = self._load_manifest(sc)[0]
+                if m is None or self._incompatible(m):
+                    conflicts.append(sc)
+                continue
+            if checked and manifest_name(sc) in names:
+                continue
+            m = self._load_manifest(sc)[0]
+            if m is None:
+                raise RunDirError(
+                    f"{self.out_dir} holds twotower outputs of {_layout(sc)} without a readable "
+                    f"{manifest_name(sc)} ({', '.join(sorted(names)[:2])}); pass --overwrite"
+                )
+            if not checked:
                 self._check_compatible(m)
-            elif other_manifests[sc] is None or self._incompatible(other_manifests[sc]):
-                conflicts.append(sc)
+                checked = True
         if overwrite:
             cleared = 0
             for sc in conflicts:
