@@ -89,11 +89,31 @@ def gen(
                                                  "other settings (deletes its shards).")] = False,
     fail_on_error: Annotated[bool, typer.Option(help="Exit 4 when any row was rejected.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+    num_shards: Annotated[int | None, typer.Option(
+        help="Job arrays: split the input into N disjoint shards by id hash; every task writes the same "
+             "-o directory (with --shard-index).", rich_help_panel="Scale-out")] = None,
+    shard_index: Annotated[int | None, typer.Option(
+        help="The shard this task writes, 0..N-1 (e.g. $SLURM_ARRAY_TASK_ID).", rich_help_panel="Scale-out")] = None,
+    ray: Annotated[bool, typer.Option(
+        "--ray", help="Run the engine on Ray actors (Ray Data; needs the `ray` extra).",
+        rich_help_panel="Scale-out")] = False,
+    ray_address: Annotated[str | None, typer.Option(
+        help="Ray cluster to join (implies --ray): auto, HOST:PORT or ray://HOST:10001. Default: $RAY_ADDRESS, "
+             "else a local Ray instance.", rich_help_panel="Scale-out")] = None,
+    ray_actors: Annotated[int | None, typer.Option(
+        min=1, help="Ray actors (model replicas). Default: autoscale to the cluster.",
+        rich_help_panel="Scale-out", show_default=False)] = None,
+    ray_cpus: Annotated[float, typer.Option(
+        min=0.0, help="CPUs reserved per Ray actor; also its torch threads (at least 1).",
+        rich_help_panel="Scale-out")] = 1.0,
+    ray_batch_rows: Annotated[int | None, typer.Option(
+        min=1, help="Rows per Ray actor call. Default: 4 x --max-batch-rows.", rich_help_panel="Scale-out",
+        show_default=False)] = None,
 ) -> None:
     """Generate completions for every prompt; resumes where an earlier run of the same command stopped.
 
-    Exit codes: 0 done, 2 bad flags or unreadable input, 3 interrupted (rerun to resume),
-    4 rows rejected with --fail-on-error. The JSON summary goes to stdout.
+    Exit codes: 0 done, 1 failed (e.g. a Ray job; rerun to resume), 2 bad flags or unreadable input,
+    3 interrupted (rerun to resume), 4 rows rejected with --fail-on-error. The JSON summary goes to stdout.
     """
     from .commands import gen as cmd
 

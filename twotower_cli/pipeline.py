@@ -8,6 +8,10 @@ only connects them, skips rows that are already done (resume), and stops cleanly
     second signal            stop at once, commit the rows already finished, exit 3
 
 Rows not committed are simply not done: the next run of the same command does them.
+
+A partitioned run (`cfg.partition`, one task of a job array) reads the whole input and keeps the
+rows whose id hashes to its shard (io.partition); everything else is the same.
+`ray_pipeline.run` is the same run with the engine on a Ray cluster's actors.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .batcher import Batcher, BatchPolicy
 from .config import DecodeParams
 from .engine import Engine, Request, Result
 from .io.manifest import RunDir
+from .io.partition import Partition
 from .io.reader import read_rows
 from .io.schema import SCHEMA_VERSION, PromptRow, RejectedRow
 
@@ -49,6 +54,7 @@ class RunConfig:
     limit: int | None = None
     overwrite: bool = False
     window: int = 2048
+    partition: Partition | None = None  # one task of a job array: only the rows of this shard
 
 
 @dataclass
@@ -58,6 +64,7 @@ class Progress:
     rows: int = 0
     skipped: int = 0
     rejected: int = 0
+    other_shards: int = 0  # rows of other tasks of a partitioned run (not this task's to do)
     tokens: int = 0
     steps: int = 0  # denoiser steps of diffusion / mock-AR rows, decode forwards of AR rows
     started: float = field(default_factory=time.perf_counter)
@@ -96,8 +103,8 @@ def run(cfg: RunConfig, on_result: Callable[[Progress], None] | None = None,
     """Generate every row of `cfg.source` not yet in `cfg.out_dir`. Returns the run summary."""
     prog = Progress()
     rows = read_rows(cfg.source, prompt_field=cfg.prompt_field, id_field=cfg.id_field, limit=cfg.limit)
-    with RunDir(cfg.out_dir, fingerprint(cfg), overwrite=cfg.overwrite, rows_per_shard=cfg.rows_per_shard) as rd, \
-            _Signals(prog):
+    with RunDir(cfg.out_dir, fingerprint(cfg), overwrite=cfg.overwrite, rows_per_shard=cfg.rows_per_shard,
+                partition=cfg.partition) as rd, _Signals(prog):
         for n in rd.notes:
             if notes:
                 notes(n)
@@ -107,6 +114,9 @@ def run(cfg: RunConfig, on_result: Callable[[Progress], None] | None = None,
 
         def todo() -> Iterator[PromptRow | RejectedRow]:
             for r in rows:
+                if cfg.partition is not None and not cfg.partition.owns(r):
+                    prog.other_shards += 1
+                    continue
                 if isinstance(r, PromptRow) and rd.is_done(r.id):
                     prog.skipped += 1
                     continue
@@ -139,10 +149,14 @@ def run(cfg: RunConfig, on_result: Callable[[Progress], None] | None = None,
         if on_result:
             on_result(prog)
         rd.close(complete=not prog.stopping)
+    return summarize(cfg, prog, engine.counters, rd.errors.path)
+
+
+def summarize(cfg: RunConfig, prog: Progress, c: dict[str, int], errors_file: Path) -> dict[str, Any]:
+    """The run summary printed as JSON (shared by the local and the Ray run)."""
     elapsed = time.perf_counter() - prog.started
-    c = engine.counters
     padded = c["prefill_padded_tokens"]
-    return {
+    out = {
         "out_dir": str(cfg.out_dir), "rows_written": prog.rows, "rows_skipped_done": prog.skipped,
         "rows_rejected": prog.rejected, "completion_tokens": prog.tokens, "elapsed_s": round(elapsed, 3),
         "tokens_per_s": round(prog.tokens / elapsed, 2) if elapsed > 0 else 0.0,
@@ -151,9 +165,13 @@ def run(cfg: RunConfig, on_result: Callable[[Progress], None] | None = None,
         "prefill_padding_waste": round(1 - c["prefill_tokens"] / padded, 4) if padded else 0.0,
         "denoiser_calls": c["denoiser_calls"], "context_calls": c["context_calls"],
         "interrupted": bool(prog.stopping), "complete": not prog.stopping,
-        "errors_file": str(Path(cfg.out_dir) / ".errors.jsonl"),
+        "errors_file": str(errors_file),
         "exit_code": EXIT_INTERRUPTED if prog.stopping else 0,
     }
+    if cfg.partition is not None:
+        out["shard"] = {"index": cfg.partition.index, "count": cfg.partition.count,
+                        "rows_other_shards": prog.other_shards}
+    return out
 
 
 def _record(res: Result, cfg: RunConfig) -> dict[str, Any]:

@@ -10,12 +10,15 @@ from typing import Any
 
 import torch
 
+from .. import ray_pipeline  # imports ray itself only when a --ray run starts
 from ..config import ConfigError, DecodeParams
 from ..io.manifest import RunDirError
+from ..io.partition import from_flags
 from ..io.schema import InputError
 from ..model.checkpoint import default_checkpoint, fingerprint, load_model, place_towers_on_devices
 from ..model.tokenizer import load_tokenizer
 from ..pipeline import EXIT_REJECTS, Progress, RunConfig, run
+from ..ray_pipeline import RayOptions, RayUnavailable, import_ray
 from . import UserError
 
 
@@ -47,6 +50,11 @@ def build(source: str, out: Path, model_path: Path | None, opts: dict[str, Any])
     path = model_path or default_checkpoint()
     if path is None:
         raise UserError("no --model given and this build has no embedded model")
+    try:
+        partition = from_flags(opts.get("num_shards"), opts.get("shard_index"))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    use_ray = _use_ray(opts)
     device = opts.get("device")
     ctx_dev, den_dev = opts.get("ctx_device"), opts.get("den_device")
     if (ctx_dev or den_dev) and device:
@@ -57,10 +65,13 @@ def build(source: str, out: Path, model_path: Path | None, opts: dict[str, Any])
                 dev = torch.device(d)
             except RuntimeError:
                 raise UserError(f"unknown device {d!r}") from None
-            if dev.type == "cuda" and not torch.cuda.is_available():
+            if dev.type == "cuda" and not torch.cuda.is_available() and not use_ray:  # Ray: the workers' GPUs
                 raise UserError(f"device {d!r} asked for, but CUDA is not available")
-    model = load_model(path, device=ctx_dev or device, dtype=opts.get("dtype")).eval()
-    if ctx_dev or den_dev:
+    if use_ray:  # the actors load the weights; the driver checks the checkpoint's keys and shapes only
+        model = load_model(path, device="meta")
+    else:
+        model = load_model(path, device=ctx_dev or device, dtype=opts.get("dtype")).eval()
+    if (ctx_dev or den_dev) and not use_ray:
         place_towers_on_devices(model, ctx_dev or "cpu", den_dev or ctx_dev or "cpu")
     tok = load_tokenizer(path)
     defaults = DecodeParams(
@@ -77,8 +88,22 @@ def build(source: str, out: Path, model_path: Path | None, opts: dict[str, Any])
         model_fingerprint=fingerprint(path), defaults=defaults, max_batch_rows=opts["max_batch_rows"],
         max_batch_tokens=opts["max_batch_tokens"], rows_per_shard=opts["rows_per_shard"],
         prompt_field=opts["prompt_field"], id_field=opts["id_field"], limit=opts["limit"],
-        overwrite=opts["overwrite"],
+        overwrite=opts["overwrite"], partition=partition,
     )
+
+
+def _use_ray(opts: dict[str, Any]) -> bool:
+    return bool(opts.get("ray") or opts.get("ray_address"))
+
+
+def _run_ray(cfg: RunConfig, model_path: Path | None, opts: dict[str, Any], on_result, notes) -> dict[str, Any]:
+    ray_opts = RayOptions(
+        model_path=model_path or default_checkpoint(), address=opts.get("ray_address"),
+        actors=opts.get("ray_actors"), cpus_per_actor=1.0 if opts.get("ray_cpus") is None else opts["ray_cpus"],
+        batch_rows=opts.get("ray_batch_rows"), device=opts.get("device"), ctx_device=opts.get("ctx_device"),
+        den_device=opts.get("den_device"), dtype=opts.get("dtype"), quiet=opts["quiet"],
+    )
+    return ray_pipeline.run(cfg, ray_opts, on_result=on_result, notes=notes)
 
 
 class Display:
@@ -129,16 +154,24 @@ class Display:
 
 def run_gen(source: str, out: Path, model_path: Path | None, opts: dict[str, Any]) -> int:
     try:
+        if _use_ray(opts):  # before loading anything: a missing extra is one line, exit 2
+            import_ray()
         cfg = build(source, out, model_path, opts)
-        total = count_input_rows(source, opts["limit"])
+        # A task of a job array does about 1/N of the input: no total (and no ETA) rather than a wrong one.
+        total = count_input_rows(source, opts["limit"]) if cfg.partition is None else None
         notes = (lambda m: print(f"note: {m}", file=sys.stderr)) if not opts["quiet"] else None
         with Display(total, opts["quiet"]) as disp:
-            summary = run(cfg, on_result=disp.update, notes=notes)
-    except (InputError, RunDirError, ConfigError) as e:
+            if _use_ray(opts):
+                summary = _run_ray(cfg, model_path, opts, disp.update, notes)
+            else:
+                summary = run(cfg, on_result=disp.update, notes=notes)
+    except (InputError, RunDirError, ConfigError, RayUnavailable) as e:
         raise UserError(str(e)) from None
     if opts["fail_on_error"] and summary["rows_rejected"] and not summary["exit_code"]:
         summary["exit_code"] = EXIT_REJECTS
     print(json.dumps(summary))
+    if summary.get("error"):  # a failed Ray job: what was committed stays; a rerun resumes
+        print(f"error: {summary['error']}; rerun the same command to resume", file=sys.stderr)
     if summary["rows_rejected"] and not opts["quiet"]:
         print(f"note: {summary['rows_rejected']} row(s) rejected, see {summary['errors_file']}", file=sys.stderr)
     return summary["exit_code"]
