@@ -47,7 +47,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -144,7 +144,7 @@ def run(cfg: RunConfig, opts: RayOptions, on_result: Callable[[Progress], None] 
         with contextlib.redirect_stdout(sys.stderr):
             try:
                 started_ray = _connect(ray, opts)
-                with _RaySignals(prog):  # after ray.init, so that our handlers are the ones installed
+                with _RaySignals(prog) as sig:  # after ray.init, so that our handlers are the ones installed
                     blocks = _submit(ray, rows, rd, cfg, prog, batch_rows)
                     info["batches"] = len(blocks)
                     if blocks and not prog.stopping:
@@ -152,7 +152,7 @@ def run(cfg: RunConfig, opts: RayOptions, on_result: Callable[[Progress], None] 
                         _check_resources(ray, gpus, say)
                         ds = _dataset(ray, blocks, cfg, opts, gpus, batch_rows)
                         batches = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
-                        consume(batches, rd, prog, counters, info, cfg.commit_every_s, on_result)
+                        consume(sig.waiting(batches), rd, prog, counters, info, cfg.commit_every_s, on_result)
             except KeyboardInterrupt:
                 prog.stopping = max(prog.stopping, 2)  # the second signal: commit what arrived, exit 3
             except Exception as e:  # a failed Ray job (after Ray's retries): commit what arrived, exit 1
@@ -173,12 +173,27 @@ def run(cfg: RunConfig, opts: RayOptions, on_result: Callable[[Progress], None] 
 
 
 class _RaySignals(_Signals):
-    """The first signal sets the flag (checked between batches); the second interrupts the wait."""
+    """The first signal sets the flag (checked between batches); the second also interrupts the
+    wait for Ray's next batch, but never a write (that is checked after the batch instead)."""
+
+    blocked = False
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.progress.stopping += 1
-        if self.progress.stopping > 1:
+        if self.progress.stopping > 1 and self.blocked:
             raise KeyboardInterrupt
+
+    def waiting(self, batches: Iterable[pa.Table]) -> Iterator[pa.Table]:
+        it = iter(batches)
+        while True:
+            self.blocked = True
+            try:
+                batch = next(it, None)
+            finally:
+                self.blocked = False
+            if batch is None:
+                return
+            yield batch
 
 
 def _connect(ray: Any, opts: RayOptions) -> bool:
