@@ -1,6 +1,6 @@
 """`twotower gen --ray` scale-out: rows/s with 1 vs 2 actors, and the Ray path's overhead vs a local run.
 
-    python benchmarks/ray_scaleout.py [--model DIR] [--rows 256] [--max-new-tokens 16] [--batch-rows 128]
+    python benchmarks/ray_scaleout.py [--model DIR] [--rows 1024] [--max-new-tokens 16] [--batch-rows 128]
 
 Runs the same `twotower gen` command (in process) three ways on the same prompts: local (one
 torch thread), Ray with 1 actor and Ray with 2 actors (one CPU and one torch thread each), into
@@ -78,7 +78,7 @@ def rows(out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path)
-    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--rows", type=int, default=1024)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--batch-rows", type=int, default=128, help="rows per actor call")
     ap.add_argument("--max-batch-rows", type=int, default=16, help="engine slots (local and per actor)")

@@ -29,7 +29,7 @@ from twotower_cli.cli import app
 from twotower_cli.io.manifest import RunDir
 from twotower_cli.io.partition import Partition, shard_of
 from twotower_cli.pipeline import Progress
-from twotower_cli.ray_pipeline import FAULT_ENV, consume
+from twotower_cli.ray_pipeline import FAULT_ENV, consume, gpus_per_actor
 from twotower_cli.training.tokenizer_build import save_tokenizer, vocab
 
 FAST = ["--block", "4", "--max-new-tokens", "8", "--max-batch-rows", "4", "-q"]
@@ -167,6 +167,13 @@ def test_ray_flag_without_ray_installed(model_dir, source, tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     r = gen(model_dir, source, tmp_path / "out", "--ray", code=2)
     assert "pip install 'twotower-cli[ray]'" in one_line_error(r)
+
+
+def test_gpus_per_actor_follow_the_placement():
+    assert gpus_per_actor(None, None, None) == 0 and gpus_per_actor("cpu", None, None) == 0
+    assert gpus_per_actor("cuda", None, None) == 1 and gpus_per_actor("cuda:3", None, None) == 1
+    assert gpus_per_actor(None, "cuda:0", "cuda:1") == 2  # the two-device tower split
+    assert gpus_per_actor(None, "cuda:0", "cuda") == 1 and gpus_per_actor(None, "cpu", "cuda:1") == 1
 
 
 def test_driver_commit_drops_redelivered_rows(tmp_path):
