@@ -29,7 +29,7 @@ from twotower_cli.cli import app
 from twotower_cli.io.manifest import RunDir
 from twotower_cli.io.partition import Partition, shard_of
 from twotower_cli.pipeline import Progress
-from twotower_cli.ray_pipeline import FAULT_ENV, consume, gpus_per_actor
+from twotower_cli.ray_pipeline import FAULT_ENV, actor_placement, consume
 from twotower_cli.training.tokenizer_build import save_tokenizer, vocab
 
 FAST = ["--block", "4", "--max-new-tokens", "8", "--max-batch-rows", "4", "-q"]
@@ -169,11 +169,28 @@ def test_ray_flag_without_ray_installed(model_dir, source, tmp_path, monkeypatch
     assert "pip install 'twotower-cli[ray]'" in one_line_error(r)
 
 
-def test_gpus_per_actor_follow_the_placement():
-    assert gpus_per_actor(None, None, None) == 0 and gpus_per_actor("cpu", None, None) == 0
-    assert gpus_per_actor("cuda", None, None) == 1 and gpus_per_actor("cuda:3", None, None) == 1
-    assert gpus_per_actor(None, "cuda:0", "cuda:1") == 2  # the two-device tower split
-    assert gpus_per_actor(None, "cuda:0", "cuda") == 1 and gpus_per_actor(None, "cpu", "cuda:1") == 1
+def test_actor_gpus_and_devices_follow_the_placement():
+    assert actor_placement(None, None, None) == (0, None, None, None)
+    assert actor_placement("cpu", None, None) == (0, "cpu", None, None)
+    assert actor_placement("cuda", None, None) == (1, "cuda:0", None, None)
+    assert actor_placement("cuda:3", None, None) == (1, "cuda:0", None, None)  # the actor's own GPU
+    assert actor_placement(None, "cuda:2", "cuda:3") == (2, None, "cuda:0", "cuda:1")  # the two-device split
+    assert actor_placement(None, "cuda:0", "cuda") == (1, None, "cuda:0", "cuda:0")
+    assert actor_placement(None, "cpu", "cuda:1") == (1, None, "cpu", "cuda:0")
+
+
+def test_ray_error_becomes_one_line():
+    from twotower_cli.ray_pipeline import _root_cause
+
+    class ActorDiedError(Exception):
+        pass
+
+    text = ("The actor died because of an error raised in its creation task, \x1b[36mray::MapWorker.__init__()"
+            "\x1b[39m (pid=1)\nTraceback (most recent call last):\n  File \"x.py\", line 1, in __init__\n"
+            "RuntimeError: the checkpoint at /m on this node differs from the driver's\n")
+    want = "RuntimeError: the checkpoint at /m on this node differs from the driver's"
+    assert _root_cause(ActorDiedError(text)) == want
+    assert _root_cause(ActorDiedError("lost\nnode")) == "ActorDiedError: lost node"
 
 
 def test_driver_commit_drops_redelivered_rows(tmp_path):

@@ -44,6 +44,7 @@ import contextlib
 import inspect
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -75,10 +76,6 @@ class RayUnavailable(Exception):
     """`--ray` without the `ray` extra installed, or no Ray to join (the CLI exits 2 with this line)."""
 
 
-class RayRunError(Exception):
-    """The Ray job failed (after Ray's retries); what was committed stays, a rerun resumes."""
-
-
 @dataclass
 class RayOptions:
     model_path: Path
@@ -94,14 +91,23 @@ class RayOptions:
     quiet: bool = False
 
 
-def gpus_per_actor(device: str | None, ctx_device: str | None, den_device: str | None) -> int:
-    """GPUs an actor needs for this placement: 2 for a two-device tower split, 1 on one GPU, 0 on CPU.
-    Inside the actor, Ray's CUDA_VISIBLE_DEVICES renumbers its GPUs from cuda:0."""
+def actor_placement(device: str | None, ctx_device: str | None,
+                    den_device: str | None) -> tuple[int, str | None, str | None, str | None]:
+    """(GPUs per actor, and the device flags as the actor sees them) for a placement: 2 GPUs for a
+    two-device tower split, 1 on one GPU, 0 on CPU. Ray gives each actor its own GPUs, numbered from
+    cuda:0 (CUDA_VISIBLE_DEVICES), so `--ctx-device cuda:2 --den-device cuda:3` becomes cuda:0 and
+    cuda:1 inside the actor, and `--device cuda:5` becomes cuda:0."""
     import torch
 
-    given = [d for d in (ctx_device, den_device) if d] or ([device] if device else [])
-    cuda = {(dev.index or 0) for d in given if (dev := torch.device(d)).type == "cuda"}
-    return min(len(cuda), 2)
+    seen: dict[int, int] = {}
+
+    def local(d: str | None) -> str | None:
+        if not d or (dev := torch.device(d)).type != "cuda":
+            return d
+        return f"cuda:{seen.setdefault(dev.index or 0, len(seen))}"
+
+    device, ctx_device, den_device = local(device), local(ctx_device), local(den_device)
+    return len(seen), device, ctx_device, den_device
 
 
 def import_ray():
@@ -148,9 +154,8 @@ def run(cfg: RunConfig, opts: RayOptions, on_result: Callable[[Progress], None] 
                     blocks = _submit(ray, rows, rd, cfg, prog, batch_rows)
                     info["batches"] = len(blocks)
                     if blocks and not prog.stopping:
-                        gpus = gpus_per_actor(opts.device, opts.ctx_device, opts.den_device)
+                        ds, gpus = _dataset(ray, blocks, cfg, opts, batch_rows)
                         _check_resources(ray, gpus, say)
-                        ds = _dataset(ray, blocks, cfg, opts, gpus, batch_rows)
                         batches = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
                         consume(sig.waiting(batches), rd, prog, counters, info, cfg.commit_every_s, on_result)
             except KeyboardInterrupt:
@@ -245,15 +250,16 @@ def _check_resources(ray: Any, gpus: int, say: Callable[[str], None]) -> None:
             "the run waits for an autoscaler to add some")
 
 
-def _dataset(ray: Any, blocks: list[Any], cfg: RunConfig, opts: RayOptions, gpus: int, batch_rows: int) -> Any:
+def _dataset(ray: Any, blocks: list[Any], cfg: RunConfig, opts: RayOptions, batch_rows: int) -> tuple[Any, int]:
+    gpus, device, ctx_device, den_device = actor_placement(opts.device, opts.ctx_device, opts.den_device)
     if opts.actors:
         pool = ray.data.ActorPoolStrategy(size=opts.actors)
     else:
         pool = ray.data.ActorPoolStrategy(min_size=1, max_size=None)
     kwargs = {
         "model_path": str(opts.model_path), "fingerprint": cfg.model_fingerprint, "model_name": cfg.model_name,
-        "defaults": cfg.defaults, "device": opts.device, "ctx_device": opts.ctx_device,
-        "den_device": opts.den_device, "dtype": opts.dtype, "max_batch_rows": cfg.max_batch_rows,
+        "defaults": cfg.defaults, "device": device, "ctx_device": ctx_device, "den_device": den_device,
+        "dtype": opts.dtype, "max_batch_rows": cfg.max_batch_rows,
         "max_batch_tokens": cfg.max_batch_tokens, "threads": max(1, int(opts.cpus_per_actor)),
         "fault": os.environ.get(FAULT_ENV),
     }
@@ -267,7 +273,7 @@ def _dataset(ray: Any, blocks: list[Any], cfg: RunConfig, opts: RayOptions, gpus
         args.update(max_restarts=-1, max_task_retries=opts.max_task_retries)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-        return ds.map_batches(_Generate, **args)
+        return ds.map_batches(_Generate, **args), gpus
 
 
 def consume(batches: Iterable[pa.Table], rd: RunDir, prog: Progress, counters: dict[str, int],
@@ -304,16 +310,25 @@ def consume(batches: Iterable[pa.Table], rd: RunDir, prog: Progress, counters: d
 
 
 def _is_ray_error(e: BaseException) -> bool:
-    mod = type(e).__module__ or ""
-    return mod.startswith("ray.") or isinstance(e, RayRunError)
+    return (type(e).__module__ or "").startswith("ray.")
+
+
+_ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Exit)): (.+)$")
 
 
 def _root_cause(e: BaseException) -> str:
-    """One line: the innermost cause, without Ray's multi-line traceback dump."""
-    while e.__cause__ is not None and e.__cause__ is not e:
-        e = e.__cause__
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+    """One line for the user. Ray's errors carry the remote traceback in their text: its last
+    `SomeError: message` line is where it started (e.g. an actor's constructor)."""
+    text = ANSI.sub("", str(e))
+    found = [m for line in text.splitlines() if (m := _ERROR_LINE.match(line))]
+    if found:
+        name, msg = found[-1].groups()
+        return f"{name.rsplit('.', 1)[-1]}: {msg.strip()[:300]}"
+    first = " ".join(text.split())
+    return f"{type(e).__name__}: {first[:300]}" if first else type(e).__name__
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _row_to_dict(r: PromptRow) -> dict[str, Any]:
