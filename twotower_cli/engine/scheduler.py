@@ -75,12 +75,13 @@ class Engine:
 
     def __init__(self, model: TwoTower, *, max_batch_rows: int = 32, max_batch_tokens: int = 16384,
                  eos_ids: Iterable[int] | None = None, scan: str = "auto", capacity: int = 256,
-                 overlap: bool | None = None, mirror: bool | None = None):
+                 overlap: bool | None = None, mirror: bool | None = None, max_padding: float = 0.05):
         if max_batch_rows < 1 or max_batch_tokens < 1:
             raise ValueError("max_batch_rows and max_batch_tokens must be at least 1")
         self.model = model
         self.max_batch_rows = max_batch_rows
         self.max_batch_tokens = max_batch_tokens  # padded tokens in one batched prefill
+        self.max_padding = max_padding  # largest share of padding in one batched prefill
         self.eos = set(model.config.eos_ids if eos_ids is None else eos_ids)
         self.scan = scan
         self.capacity = capacity
@@ -107,20 +108,8 @@ class Engine:
             while True:
                 if stop is not None and stop():
                     return
-                if pool.free() and (held or not exhausted):
-                    new, longest = [], 0
-                    while len(new) < pool.free():
-                        if held is None:
-                            held = next(source, None)
-                            if held is None:
-                                exhausted = True
-                                break
-                            self._check(held)
-                        n = max(longest, len(held.prompt_ids))
-                        if new and n * (len(new) + 1) > self.max_batch_tokens:
-                            break  # keep it for the next prefill
-                        new.append(held)
-                        longest, held = n, None
+                while pool.free() and (held is not None or not exhausted):
+                    new, held, exhausted = self._next_prefill(source, held, exhausted, pool.free())
                     if new:
                         rows.extend(self._admit(new, pool))
                 if not rows:
@@ -141,6 +130,29 @@ class Engine:
         finally:
             if worker:
                 worker.shutdown(wait=True)
+
+    def _next_prefill(self, source: Iterator[Request], held: Request | None, exhausted: bool,
+                      free: int) -> tuple[list[Request], Request | None, bool]:
+        """The next rows to prefill together: up to `free`, within the padded-token budget, and
+        closed early when the next row would push the padding past `max_padding` (rows arrive
+        length-sorted from the batcher, so this rarely splits a batch; it stops a short row and a
+        long one from sharing a prefill). Returns (rows, the row held back, exhausted)."""
+        new: list[Request] = []
+        longest = real = 0
+        while len(new) < free:
+            if held is None:
+                held = next(source, None)
+                if held is None:
+                    return new, None, True
+                self._check(held)
+            L = len(held.prompt_ids)
+            n = max(longest, L)
+            padded = n * (len(new) + 1)
+            if new and (padded > self.max_batch_tokens or 1 - (real + L) / padded > self.max_padding):
+                break  # keep it for the next prefill
+            new.append(held)
+            longest, real, held = n, real + L, None
+        return new, held, exhausted
 
     def _check(self, req: Request) -> None:
         if not req.prompt_ids:
