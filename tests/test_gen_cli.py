@@ -20,16 +20,13 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
-from model_helpers import random_model
 from typer.testing import CliRunner
 
-from twotower_cli import ModelConfig, load_tokenizer, save_pretrained
+from twotower_cli import load_tokenizer
 from twotower_cli.cli import app
 from twotower_cli.config import DecodeParams
 from twotower_cli.engine import Engine, Request
 from twotower_cli.io.manifest import RunLock
-from twotower_cli.training.tokenizer_build import save_tokenizer, vocab
 
 ROOT = Path(__file__).resolve().parents[1]
 # One torch thread in the children too: tiny shapes, shared CPUs (see conftest.py).
@@ -40,20 +37,6 @@ runner = CliRunner()
 
 
 # ---- fixtures and helpers -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> Path:
-    """A random tiny checkpoint with the character tokenizer. The heads are scaled up so that the
-    greedy decisions have margins (as a trained model's do) and outputs are varied, not one token."""
-    d = tmp_path_factory.mktemp("ckpt") / "tiny-random"
-    m = random_model(ModelConfig.tiny(vocab_size=len(vocab())), seed=0)
-    with torch.no_grad():
-        m.lm_head.weight.mul_(4)
-        m.context_lm_head.weight.mul_(4)
-    save_pretrained(m, d)
-    save_tokenizer(d)
-    return d
 
 
 @pytest.fixture(scope="session")

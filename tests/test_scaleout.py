@@ -20,36 +20,18 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-import torch
-from model_helpers import random_model
 from typer.testing import CliRunner
 
-from twotower_cli import ModelConfig, save_pretrained
 from twotower_cli.cli import app
 from twotower_cli.io.manifest import RunDir
 from twotower_cli.io.partition import Partition, shard_of
 from twotower_cli.pipeline import Progress
 from twotower_cli.ray_pipeline import FAULT_ENV, actor_placement, consume
-from twotower_cli.training.tokenizer_build import save_tokenizer, vocab
 
 FAST = ["--block", "4", "--max-new-tokens", "8", "--max-batch-rows", "4", "-q"]
 RAY = ["--ray", "--ray-actors", "2", "--ray-batch-rows", "4"]
 VOLATILE = ("latency_s", "created_at")  # differ between any two runs
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A random tiny checkpoint with the character tokenizer (heads scaled so that greedy
-    decisions have margins, as in test_gen_cli)."""
-    d = tmp_path_factory.mktemp("ckpt") / "tiny-random"
-    m = random_model(ModelConfig.tiny(vocab_size=len(vocab())), seed=0)
-    with torch.no_grad():
-        m.lm_head.weight.mul_(4)
-        m.context_lm_head.weight.mul_(4)
-    save_pretrained(m, d)
-    save_tokenizer(d)
-    return d
 
 
 @pytest.fixture(scope="module")

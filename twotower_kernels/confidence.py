@@ -41,20 +41,12 @@ def confidence_ref(
     pos (B, S) int64. Returns (pred (B, S) int64, conf (B, S) fp32).
     """
     # the engine owns the noise's definition; imported here so that this package imports alone
-    from twotower_cli.engine.decode import gumbel
+    from twotower_cli.engine.decode import choose_ref
 
     if mask_id is not None:
         logits = logits.clone()
         logits[..., mask_id] = -float("inf")
-    greedy = temperature <= 0  # (B,)
-    scores = logits
-    if not bool(greedy.all()):
-        t = torch.where(greedy, torch.ones_like(temperature), temperature).to(logits)[:, None, None]
-        noisy = logits / t + gumbel(seed, key, pos, step, logits.shape[-1])
-        scores = torch.where(greedy[:, None, None].to(logits.device), logits, noisy)
-    pred = scores.argmax(-1)  # (B, S)
-    conf = torch.softmax(logits, dim=-1).gather(-1, pred[..., None])[..., 0]
-    return pred, conf
+    return choose_ref(logits, temperature, seed, key, pos, step)
 
 
 # -- Triton -------------------------------------------------------------------------------------------

@@ -55,8 +55,15 @@ def choose(
     pred = argmax(logits) at temperature 0, else argmax(logits / T + Gumbel); conf is the
     temperature-1 probability of pred. Returns (pred (B, S) int64, conf (B, S) fp32).
     """
-    if kernels.backend(logits.device) == "triton":  # fused kernel (CUDA); the code below is its ref
+    if kernels.backend(logits.device) == "triton":  # fused kernel (CUDA); choose_ref is its twin
         return kernels.propose(logits, temperature, seed, key, pos, step)
+    return choose_ref(logits, temperature, seed, key, pos, step)
+
+
+def choose_ref(
+    logits: Tensor, temperature: Tensor, seed: Tensor, key: Tensor, pos: Tensor, step: Tensor
+) -> tuple[Tensor, Tensor]:
+    """`choose` in plain torch (the CPU path, and the spec of the fused kernel)."""
     greedy = temperature <= 0  # (B,)
     scores = logits
     if not bool(greedy.all()):
