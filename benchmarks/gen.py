@@ -155,9 +155,9 @@ _LAUNCH = ("import os, sys\npid = os.fork()\nif pid == 0:\n    os.execv(sys.argv
            "sys.exit(os.waitstatus_to_exitcode(st))\n")
 
 
-def cli_pass(argv: list[str], threads: int, extra_env: dict[str, str] | None = None) -> tuple[float, dict, float]:
+def cli_pass(argv: list[str], threads: int) -> tuple[float, dict, float]:
     """Run `twotower gen`; returns (wall s, summary, peak RSS MB of that process alone)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(extra_env or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with tempfile.TemporaryFile() as so, tempfile.TemporaryFile() as se, \
             tempfile.NamedTemporaryFile("r", suffix=".maxrss") as rss:
         t0 = time.perf_counter()
@@ -298,16 +298,14 @@ def main(argv=None) -> int:
             for n in [int(x) for x in a.rss_rows.split(",") if x]:
                 src = tmp / f"rss{n}.jsonl"
                 write_many(src, n, seed=5)
-                # pin=0: glibc's default dynamic mmap threshold (what the CLI did before memory.py)
-                for pin in ("1", "0"):
-                    argv_ = cli_argv(src, tmp / f"rss-out{n}-{pin}", mdir, ["--mode", "ar", "--max-new-tokens", "1"])
-                    wall, s, mb = cli_pass(argv_, a.threads, {"TWOTOWER_MALLOC_PIN": pin})
-                    assert s["rows_written"] == n, s
-                    rss.append({"rows": n, "malloc_pinned": pin == "1", "peak_rss_mb": round(mb, 1),
-                                "wall_s": round(wall, 1), "elapsed_s": s["elapsed_s"], "rows_per_s": s["rows_per_s"],
-                                "input_mb": round(src.stat().st_size / 2**20, 1)})
-                    log(f"   {n:>8,} prompts ({rss[-1]['input_mb']} MB of JSONL), malloc pinned {pin}: peak RSS "
-                        f"{mb:7.1f} MB, {wall:.1f} s wall, {s['rows_per_s']:.0f} rows/s")
+                argv_ = cli_argv(src, tmp / f"rss-out{n}", mdir, ["--mode", "ar", "--max-new-tokens", "1"])
+                wall, s, mb = cli_pass(argv_, a.threads)
+                assert s["rows_written"] == n, s
+                rss.append({"rows": n, "peak_rss_mb": round(mb, 1), "wall_s": round(wall, 1),
+                            "elapsed_s": s["elapsed_s"], "rows_per_s": s["rows_per_s"],
+                            "input_mb": round(src.stat().st_size / 2**20, 1)})
+                log(f"   {n:>8,} prompts ({rss[-1]['input_mb']} MB of JSONL): peak RSS {mb:7.1f} MB, "
+                    f"{wall:.1f} s wall, {s['rows_per_s']:.0f} rows/s")
                 src.unlink()
             report["rss"] = rss
     if a.json:

@@ -15,7 +15,6 @@ from ..config import ConfigError, DecodeParams
 from ..io.manifest import RunDirError
 from ..io.partition import from_flags
 from ..io.schema import InputError
-from ..memory import pin_malloc_thresholds
 from ..model.checkpoint import default_checkpoint, fingerprint, load_model, place_towers_on_devices
 from ..model.tokenizer import load_tokenizer
 from ..pipeline import EXIT_REJECTS, Progress, RunConfig, run
@@ -154,7 +153,6 @@ class Display:
 
 
 def run_gen(source: str, out: Path, model_path: Path | None, opts: dict[str, Any]) -> int:
-    pin_malloc_thresholds()  # flat memory over long runs of mixed-length prompts (see memory.py)
     try:
         if _use_ray(opts):  # before loading anything: a missing extra is one line, exit 2
             import_ray()
