@@ -10,7 +10,7 @@ tokenizer renders a user message the same way. Examples:
     copy qwertyuiop=        -> qwertyuiop
     reverse abcdefgh=       -> hgfedcba
     sort dcbadcba=          -> aabbccdd
-    add 1234567+9000000=    -> 03345670   (7654321 + 9 = 7654330, digits least-significant first)
+    count banana=           -> a3b1n2
     recall ab:x1y2z3w4 cd:k9m8n7p6;cd=   -> k9m8n7p6
 
 Held-out split: a prompt belongs to the evaluation set iff a stable hash (blake2b) of its text
@@ -25,7 +25,7 @@ import random
 from collections.abc import Callable, Iterator
 
 SEPARATOR = "="
-TASKS = ("copy", "reverse", "sort", "add", "recall")
+TASKS = ("copy", "reverse", "sort", "count", "recall")
 EVAL_FRACTION = 0.05
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -58,25 +58,10 @@ def _sort(rng: random.Random) -> tuple[str, str]:
     return f"sort {s}", "".join(sorted(s))
 
 
-def _add(rng: random.Random) -> tuple[str, str]:
-    """Addition with every number written least-significant digit first ("little-endian").
-
-    Why: a carry then flows in reading order, so each answer digit depends only on the digits
-    before it. With the usual most-significant-first order a tiny model must look ahead over
-    whole carry chains, which it cannot learn in a few CPU minutes. The answer always has
-    max(len) + 1 digits (a trailing 0 when there is no final carry), so its length is known.
-    """
-    da, db = rng.randint(6, 12), rng.randint(6, 12)
-    a = [rng.choice(DIGITS) for _ in range(da)]
-    b = [rng.choice(DIGITS) for _ in range(db)]
-    n = max(da, db)
-    out, carry = [], 0
-    for i in range(n):
-        s = (int(a[i]) if i < da else 0) + (int(b[i]) if i < db else 0) + carry
-        out.append(str(s % 10))
-        carry = s // 10
-    out.append(str(carry))
-    return f"add {''.join(a)}+{''.join(b)}", "".join(out)
+def _count(rng: random.Random) -> tuple[str, str]:
+    """Character histogram: each distinct letter in alphabetical order followed by its count."""
+    s = _string(rng)
+    return f"count {s}", "".join(f"{c}{s.count(c)}" for c in sorted(set(s)))
 
 
 def _recall(rng: random.Random) -> tuple[str, str]:
@@ -97,7 +82,7 @@ GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "copy": _copy,
     "reverse": _reverse,
     "sort": _sort,
-    "add": _add,
+    "count": _count,
     "recall": _recall,
 }
 
@@ -109,7 +94,8 @@ def make_example(task: str, rng: random.Random) -> tuple[str, str]:
 
 
 def train_stream(seed: int, tasks: tuple[str, ...] = TASKS) -> Iterator[tuple[str, str, str]]:
-    """Endless (task, prompt, answer) for training, round-robin over tasks, eval prompts skipped."""
+    """Endless (task, prompt, answer) for training, round-robin over `tasks` (a task listed twice
+    gets twice the examples), held-out prompts skipped."""
     rng = random.Random(f"train-{seed}")
     while True:
         for task in tasks:
