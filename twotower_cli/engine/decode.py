@@ -94,3 +94,19 @@ def commit_mask(conf: Tensor, masked: Tensor, gamma: Tensor, k: Tensor, steps: T
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(conf.shape[1], device=conf.device).expand_as(order))
     return masked & (rank < c[:, None])
+
+
+def settled(block: list[int], mask: int, room: int, eos: set[int]) -> int | None:
+    """How many tokens of a partly committed block end the row's output, or None if not yet known.
+
+    The output is cut after the first EOS and at the token limit (`room` = tokens the row may
+    still add). Once every position up to an EOS, or up to the limit, is committed, nothing
+    decoded later can change the output: the rest of the block would be cut. So the row can
+    finish there instead of spending denoiser steps on positions it will throw away (ours).
+    """
+    for j, tok in enumerate(block):
+        if tok == mask:
+            return None
+        if j + 1 >= room or tok in eos:
+            return j + 1
+    return None

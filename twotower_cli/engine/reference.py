@@ -93,8 +93,13 @@ def generate_mock_ar(model: TwoTower, prompts: list[list[int]], params: list[Dec
 
 @torch.no_grad()
 def generate_mask_diffusion(model: TwoTower, prompts: list[list[int]], params: list[DecodeParams],
-                            keys: list[int], eos: set[int]) -> list[tuple[list[int], str, int]]:
-    """Mask diffusion, block by block (SPEC.md §5 pseudo-code). Returns (tokens, reason, NFE)."""
+                            keys: list[int], eos: set[int], early_exit: bool = False
+                            ) -> list[tuple[list[int], str, int]]:
+    """Mask diffusion, block by block (SPEC.md §5 pseudo-code). Returns (tokens, reason, NFE).
+
+    early_exit=False is the released loop: every block is decoded to its end. early_exit=True
+    stops a row as soon as its output is decided (every position up to an EOS or up to the
+    token limit committed); the tokens are the same, only the NFE drops (ours)."""
     B = len(prompts)
     S, T, mask = params[0].block_size, params[0].steps_per_block, params[0].mask_token_id
     assert all(p.block_size == S and p.steps_per_block == T for p in params), "one S and T per batch"
@@ -104,9 +109,10 @@ def generate_mask_diffusion(model: TwoTower, prompts: list[list[int]], params: l
     done = [False] * B
     while not all(done):
         xt = torch.full((B, S), mask, dtype=torch.long)
+        keep = [S] * B  # how much of this block each row keeps
         for k in range(T):
             masked = xt == mask
-            active = [b for b in range(B) if not done[b] and bool(masked[b].any())]
+            active = [b for b in range(B) if not done[b] and keep[b] == S and bool(masked[b].any())]
             if not active:
                 break
             t = masked.float().mean(1)  # per row (ours)
@@ -129,9 +135,16 @@ def generate_mask_diffusion(model: TwoTower, prompts: list[list[int]], params: l
                 chosen = sorted(idx, key=lambda j: (-float(conf[j]), j))[:c]
                 for j in chosen:
                     xt[b, j] = pred[j]
+                if early_exit:
+                    for j in range(S):
+                        if xt[b, j] == mask:
+                            break
+                        if int(xt[b, j]) in eos or base + j + 1 >= params[b].max_new_tokens:
+                            keep[b] = j + 1
+                            break
         for b in range(B):
             if not done[b]:
-                out[b].extend(xt[b].tolist())
+                out[b].extend(xt[b, : keep[b]].tolist())
                 o = out[b][: params[b].max_new_tokens]
                 done[b] = any(t in eos for t in o) or len(out[b]) >= params[b].max_new_tokens
         if all(done):

@@ -32,7 +32,7 @@ from torch import Tensor
 from ..config import DecodeParams
 from ..model.twotower import TwoTower
 from .cache import SlotPool
-from .decode import choose, commit_mask
+from .decode import choose, commit_mask, settled
 from .request import Request, Result
 
 
@@ -270,7 +270,11 @@ class Engine:
         complete = ~(xt == mask).any(1)
         for r, x, c in zip(g, xt.cpu(), complete.tolist()):
             r.xt, r.k, r.nfe = x, r.k + 1, r.nfe + 1
-            if c:
+            if not c and (end := settled(x.tolist(), mask, r.p.max_new_tokens - len(r.out), self.eos)):
+                r.out.extend(x[:end].tolist())  # the output is decided: the rest would be cut
+                r.blocks += 1
+                r.finished, r.needs_commit = True, False
+            elif c:
                 r.out.extend(x.tolist())
                 r.blocks += 1
                 r.xt, r.k = torch.full_like(x, mask), 0

@@ -97,9 +97,13 @@ def commit_count(n: Tensor, confident: Tensor, k: int, steps: int) -> Tensor:
 
 
 def denoise_block(
-    model: TwoTower, state: TowerState, block_size: int, steps: int, gamma: float, mask_id: int
+    model: TwoTower, state: TowerState, block_size: int, steps: int, gamma: float, mask_id: int,
+    eos_id: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Decode one block of every row over `state` (not modified). Returns (tokens (B, S), nfe (B,))."""
+    """Decode one block of every row over `state` (not modified). Returns (tokens (B, S), nfe (B,)).
+
+    With `eos_id`, a row stops as soon as every position up to an EOS is committed (what follows
+    would be cut; the engine does the same): its remaining positions are filled with EOS."""
     B = state.batch
     xt = torch.full((B, block_size), mask_id, dtype=torch.long)
     nfe = torch.zeros(B, dtype=torch.long)
@@ -122,6 +126,9 @@ def denoise_block(
         rank.scatter_(1, order, pos.expand(B, -1).contiguous())
         commit = masked & (rank < c[:, None])
         xt = torch.where(commit, pred, xt)
+        if eos_id is not None:
+            decided = ((xt == eos_id) & (xt != mask_id).long().cumprod(1).bool()).any(1)
+            xt = torch.where(decided[:, None] & (xt == mask_id), eos_id, xt)
     return xt, nfe
 
 
@@ -144,7 +151,8 @@ def generate_diffusion(
     nfes = [0] * len(prompts)
     live = torch.arange(len(prompts))
     while len(live):
-        block, nfe = denoise_block(model, state, block_size, steps, gamma, mask_id)
+        block, nfe = denoise_block(model, state, block_size, steps, gamma, mask_id,
+                                    min(eos) if len(eos) == 1 else None)
         keep = []
         for j, r in enumerate(live.tolist()):
             out[r].extend(block[j].tolist())
