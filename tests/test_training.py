@@ -168,10 +168,11 @@ def test_shipped_tiny_model_meets_the_ar_bar():
 
     res = evaluate(model, encode, tok.decode, held_out, mode="ar")
     assert res["accuracy"] >= 0.95, res
-    # A regression guard, not the product goal: the shipped denoiser keeps ~55% of AR's quality at
-    # γ=0.8 with ~3 tokens per step (README, `twotower bench`); the release's 98.7% is not reached.
+    # A regression guard, not the product goal: on these 20 prompts the shipped denoiser gets 60%
+    # at 3.7 tokens per step at γ=0.8 (README, `twotower bench`: ~56% of AR's quality on 100
+    # prompts); the release's 98.7% is not reached.
     res = evaluate(model, encode, tok.decode, held_out, mode="diffusion", gamma=0.8)
-    assert res["accuracy"] >= 0.35 and res["tokens_per_step"] >= 2.5, res
+    assert res["accuracy"] >= 0.45 and res["tokens_per_step"] >= 3.2, res
 
 
 @pytest.mark.skipif(default_checkpoint() is None, reason="no embedded checkpoint in assets/tiny")
