@@ -1,19 +1,26 @@
-"""MoE: the grouped implementation == a plain per-token loop; the correction bias picks experts
-but the weights come from the raw scores."""
+"""MoE: both implementations (grouped by expert for many tokens, dense over all experts for a
+few) == a plain per-token loop; the correction bias picks experts but the weights come from the
+raw scores."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from model_helpers import random_model, tiny_cfg
 
 from twotower_cli.model.twotower import MoE
 
 
-def moe_layer(seed=0, **changes) -> MoE:
+def moe_layer(seed=0, dense_max=MoE.DENSE_MAX_TOKENS, **changes) -> MoE:
     cfg = tiny_cfg(**changes)
-    return random_model(cfg, seed=seed, ar_only=True).context_tower.layers[2].mixer  # "M*EM-E"
+    moe = random_model(cfg, seed=seed, ar_only=True).context_tower.layers[2].mixer  # "M*EM-E"
+    moe.DENSE_MAX_TOKENS = dense_max  # on the instance: 0 = always grouped, 10**9 = always dense
+    return moe
+
+
+PATHS = pytest.mark.parametrize("dense_max", [0, 10**9], ids=["grouped", "dense"])
 
 
 def per_token(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -36,22 +43,25 @@ def per_token(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(out).view(x.shape)
 
 
-def test_moe_equals_per_token_loop():
-    moe = moe_layer(seed=1)
+@PATHS
+def test_moe_equals_per_token_loop(dense_max):
+    moe = moe_layer(seed=1, dense_max=dense_max)
     x = torch.randn(3, 7, moe.cfg.hidden_size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(moe(x), per_token(moe, x), atol=1e-5, rtol=1e-5)
 
 
-def test_moe_without_normalisation_equals_loop():
-    moe = moe_layer(seed=3, norm_topk_prob=False, routed_scaling_factor=1.0, num_experts_per_tok=3)
+@PATHS
+def test_moe_without_normalisation_equals_loop(dense_max):
+    moe = moe_layer(seed=3, dense_max=dense_max, norm_topk_prob=False, routed_scaling_factor=1.0, num_experts_per_tok=3)
     x = torch.randn(5, moe.cfg.hidden_size, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(moe(x), per_token(moe, x), atol=1e-5, rtol=1e-5)
 
 
-def test_correction_bias_chooses_but_raw_scores_weigh():
-    moe = moe_layer(seed=5)  # 4 experts, top-2
+@PATHS
+def test_correction_bias_chooses_but_raw_scores_weigh(dense_max):
+    moe = moe_layer(seed=5, dense_max=dense_max)  # 4 experts, top-2
     H = moe.cfg.hidden_size
     raw = torch.tensor([0.9, 0.8, 0.3, 0.1])  # raw scores: experts 0 and 1 would win
     with torch.no_grad():
@@ -69,4 +79,16 @@ def test_correction_bias_chooses_but_raw_scores_weigh():
         scale = moe.cfg.routed_scaling_factor
         assert math.isclose(weights[0], 0.9 / (0.9 + 0.1) * scale, rel_tol=1e-6)  # raw, not biased
         assert math.isclose(weights[3], 0.1 / (0.9 + 0.1) * scale, rel_tol=1e-6)
+        torch.testing.assert_close(moe(x), per_token(moe, x), atol=1e-5, rtol=1e-5)
+
+
+@PATHS
+def test_moe_with_biases_equals_loop(dense_max):
+    moe = moe_layer(seed=6, dense_max=dense_max, mlp_bias=True)
+    with torch.no_grad():
+        for p in moe.parameters():
+            if p.dim() == 1 and p is not moe.gate.e_score_correction_bias:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(7))
+    x = torch.randn(2, 5, moe.cfg.hidden_size, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
         torch.testing.assert_close(moe(x), per_token(moe, x), atol=1e-5, rtol=1e-5)

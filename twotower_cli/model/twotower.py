@@ -106,10 +106,17 @@ class MoE(nn.Module):
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
         return idx, (w * cfg.routed_scaling_factor).float()
 
+    # Up to this many tokens, every expert runs on every token (2 batched matmuls, unselected experts
+    # weighted 0) instead of a loop over experts: for a denoiser block or an AR step the loop's
+    # per-expert overhead costs more than the E/k times larger matmuls. 0 turns it off.
+    DENSE_MAX_TOKENS = 64
+
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, H)
         idx, w = self.route(x)
+        if x.shape[0] <= self.DENSE_MAX_TOKENS:
+            return (self._dense(x, idx, w).to(x.dtype) + self.shared_experts(x)).view(shape)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         # Loop over the experts that received tokens; each expert sees its tokens in one matmul.
         flat = idx.flatten()
@@ -127,6 +134,20 @@ class MoE(nn.Module):
             start += c
         out = out.to(x.dtype) + self.shared_experts(x)
         return out.view(shape)
+
+    def _dense(self, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
+        """The routed experts' weighted sum (T, H) fp32, every expert computed on every token."""
+        gates = torch.zeros(x.shape[0], len(self.experts), dtype=torch.float32, device=x.device)
+        gates.scatter_(1, idx, w)  # (T, E): the top-k weights, 0 elsewhere
+        up = torch.stack([e.up_proj.weight for e in self.experts])  # (E, I, H)
+        down = torch.stack([e.down_proj.weight for e in self.experts])  # (E, H, I)
+        hid = torch.matmul(x, up.transpose(1, 2))  # (E, T, I)
+        if self.experts[0].up_proj.bias is not None:
+            hid = hid + torch.stack([e.up_proj.bias for e in self.experts])[:, None]
+        y = torch.matmul(relu2(hid), down.transpose(1, 2))  # (E, T, H)
+        if self.experts[0].down_proj.bias is not None:
+            y = y + torch.stack([e.down_proj.bias for e in self.experts])[:, None]
+        return torch.einsum("te,eth->th", gates, y.float())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,6 +207,10 @@ def ssd_chunked(
 
 
 class Mamba2(nn.Module):
+    # Blocks up to this length use the token-by-token recurrence whatever `scan` asks: for an AR
+    # step (n = 1) it is three ops against the chunked form's dozen. 0 turns it off.
+    SEQUENTIAL_MAX = 1
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -211,7 +236,8 @@ class Mamba2(nn.Module):
         Returns (out (B, n, H), new conv_state, new ssm_state). With n_valid, positions at or after
         a row's n_valid[b] are padding: they do not change that row's returned states.
         scan: "chunked" | "sequential" | "auto" (twotower_kernels' block scan for short blocks where
-        the dispatch picks Triton, i.e. on CUDA; "chunked" otherwise).
+        the dispatch picks Triton, i.e. on CUDA; "chunked" otherwise). Blocks of at most
+        SEQUENTIAL_MAX tokens always take the sequential recurrence.
         """
         cfg = self.cfg
         Bsz, n, _ = h.shape
@@ -234,7 +260,7 @@ class Mamba2(nn.Module):
         if n_valid is not None:
             dt = dt * (torch.arange(n, device=h.device)[None, :] < n_valid[:, None])[..., None]
         A = -torch.exp(self.A_log.float())
-        if scan == "sequential":
+        if scan == "sequential" or (n <= self.SEQUENTIAL_MAX and scan in ("chunked", "auto")):
             y, new_ssm = ssd_sequential(x, dt, A, Bm, Cm, ssm_state.float())
         elif scan == "auto" and n <= kernels.BLOCK_SCAN_MAX and kernels.backend(x.device) == "triton":
             y, new_ssm = kernels.block_scan(x, dt, A, Bm, Cm, ssm_state.float())  # short seeded block
