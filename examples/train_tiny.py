@@ -1,6 +1,6 @@
 """Train the embedded tiny TwoTower from scratch and write it to twotower_cli/assets/tiny/.
 
-    python examples/train_tiny.py                  # the shipped model (seed 0, 26 min on 2 cores)
+    python examples/train_tiny.py                  # the shipped model (seed 0, ~27 min on 2 cores)
     python examples/train_tiny.py --out /tmp/tiny --ar-steps 50 --denoiser-steps 20   # a smoke run
 
 Stage 1 trains the context tower as a causal LM on synthetic tasks with exact answers; stage 2

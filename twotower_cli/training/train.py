@@ -106,7 +106,7 @@ class TrainConfig:
     denoiser_steps: int = 3400
     batch_size: int = 32
     ar_lr: float = 3e-3
-    denoiser_lr: float = 3e-3
+    denoiser_lr: float = 1.5e-3
     warmup: int = 50
     weight_decay: float = 0.01
     block_size: int = 16
