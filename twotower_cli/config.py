@@ -122,7 +122,8 @@ class ModelConfig:
 
     @classmethod
     def tiny(cls, vocab_size: int = 256) -> ModelConfig:
-        """A small config with every layer kind, for tests and the embedded model."""
+        """A small config with every layer kind, for tests (the embedded model's own config is
+        `training.train.tiny_model_config`, saved in its config.json)."""
         return cls(
             vocab_size=vocab_size,
             hidden_size=64,

@@ -25,7 +25,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -118,7 +118,6 @@ class TrainConfig:
     init: bool = True  # fan-in scaled init before stage 1 (see init_for_training)
     # count is the hardest task for the tiny model: it gets twice the share of the others
     tasks: tuple[str, ...] = ("copy", "reverse", "sort", "count", "count", "recall")
-    extra: dict = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -332,10 +331,9 @@ def denoiser_params(model: TwoTower) -> list[torch.nn.Parameter]:
     return [p for m in mods for p in m.parameters() if p.requires_grad]
 
 
-def train_denoiser(model: TwoTower, tc: TrainConfig, log=print, init: bool = True) -> list[float]:
+def train_denoiser(model: TwoTower, tc: TrainConfig, log=print) -> list[float]:
     """Stage 2: the denoiser (+ adaLN-single) over the frozen context tower."""
-    if init:
-        init_denoiser(model)
+    init_denoiser(model)
     model.context_tower.requires_grad_(False)
     model.context_lm_head.requires_grad_(False)
     encode = char_encoder()
