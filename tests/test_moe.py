@@ -92,3 +92,20 @@ def test_moe_with_biases_equals_loop(dense_max):
     x = torch.randn(2, 5, moe.cfg.hidden_size, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         torch.testing.assert_close(moe(x), per_token(moe, x), atol=1e-5, rtol=1e-5)
+
+
+def test_dense_stack_cache_follows_weight_changes():
+    """The dense path caches the stacked expert weights outside autograd: an in-place update or a
+    replaced weight must be seen by the next call, and under autograd gradients reach the experts."""
+    moe = moe_layer(seed=9, dense_max=10**9)
+    x = torch.randn(4, moe.cfg.hidden_size, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        moe(x)  # fills the cache
+        for e in moe.experts:
+            e.up_proj.weight.mul_(2.0)  # in place
+        torch.testing.assert_close(moe(x), per_token(moe, x), atol=1e-5, rtol=1e-5)
+        for e in moe.experts:
+            e.down_proj.weight = torch.nn.Parameter(e.down_proj.weight * -1)  # replaced
+        torch.testing.assert_close(moe(x), per_token(moe, x), atol=1e-5, rtol=1e-5)
+    moe(x).sum().backward()
+    assert all(e.up_proj.weight.grad is not None for e in moe.experts)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from model_helpers import random_model, tiny_cfg
 
-from twotower_cli.model.twotower import ssd_chunked, ssd_sequential
+from twotower_cli.model.twotower import Mamba2, causal_conv, ssd_block, ssd_chunked, ssd_sequential
 
 
 def scan_inputs(B=2, n=16, nh=4, P=8, N=6, seed=0):
@@ -93,6 +93,64 @@ def test_mamba_module_chunked_equals_sequential():
     mixer = random_model(cfg, seed=9, ar_only=True).context_tower.layers[0].mixer
     g = torch.Generator().manual_seed(10)
     h = torch.randn(2, 16, cfg.hidden_size, generator=g)
+    conv = torch.randn(2, cfg.conv_dim, cfg.conv_kernel - 1, generator=g)
+    ssm = torch.randn(2, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, generator=g)
+    with torch.no_grad():
+        a = mixer(h, conv, ssm, None, "sequential")
+        b = mixer(h, conv, ssm, None, "chunked")
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("G", [1, 2, 4])
+@pytest.mark.parametrize("n", [2, 5, 16])
+def test_block_scan_equals_sequential(G, n):
+    """ssd_block (one chunk, B/C per group) == the recurrence with B/C expanded to heads."""
+    x, dt, A, _, _, state = scan_inputs(n=n, seed=11)
+    g = torch.Generator().manual_seed(12)
+    Bg, Cg = torch.randn(2, n, G, 6, generator=g), torch.randn(2, n, G, 6, generator=g)
+    rep = x.shape[2] // G
+    y_ref, s_ref = ssd_sequential(x, dt, A, Bg.repeat_interleave(rep, 2), Cg.repeat_interleave(rep, 2), state)
+    y, s = ssd_block(x, dt, A, Bg, Cg, state)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_block_scan_dt_zero_positions_leave_state_unchanged():
+    x, dt, A, Bm, Cm, state = scan_inputs(n=16, seed=13)
+    Bg, Cg = Bm[:, :, :1], Cm[:, :, :1]  # one group
+    dt_pad = dt.clone()
+    dt_pad[:, 11:] = 0.0
+    y_pad, s_pad = ssd_block(x, dt_pad, A, Bg, Cg, state)
+    y, s = ssd_block(x[:, :11], dt[:, :11], A, Bg[:, :11], Cg[:, :11], state)
+    torch.testing.assert_close(s_pad, s, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y_pad[:, :11], y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 16, 40])
+@pytest.mark.parametrize("bias", [True, False])
+def test_causal_conv_equals_conv1d(n, bias):
+    """Both paths of causal_conv (unfold for short inputs, conv1d past CONV_UNFOLD_MAX)."""
+    g = torch.Generator().manual_seed(14)
+    C, K = 12, 4
+    full = torch.randn(3, C, K - 1 + n, generator=g)
+    w = torch.randn(C, 1, K, generator=g)
+    b = torch.randn(C, generator=g) if bias else None
+    torch.testing.assert_close(causal_conv(full, w, b), F.conv1d(full, w, b, groups=C), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 7, 16])
+@pytest.mark.parametrize("fast", [True, False], ids=["block+unfold", "chunked+conv1d"])
+def test_mamba_module_fast_paths_equal_sequential(n, fast, monkeypatch):
+    """The mixer with the short-input paths on (ssd_block, unfold conv) and off (ssd_chunked,
+    conv1d) == the sequential recurrence, for an AR step, a ragged length and a block."""
+    monkeypatch.setattr(Mamba2, "BLOCK_SCAN", fast)
+    monkeypatch.setattr(Mamba2, "CONV_UNFOLD_MAX", 32 if fast else 0)
+    monkeypatch.setattr(Mamba2, "SEQUENTIAL_MAX", 1 if fast else 0)
+    cfg = tiny_cfg(n_groups=2)
+    mixer = random_model(cfg, seed=15, ar_only=True).context_tower.layers[0].mixer
+    g = torch.Generator().manual_seed(16)
+    h = torch.randn(2, n, cfg.hidden_size, generator=g)
     conv = torch.randn(2, cfg.conv_dim, cfg.conv_kernel - 1, generator=g)
     ssm = torch.randn(2, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, generator=g)
     with torch.no_grad():

@@ -135,18 +135,41 @@ class MoE(nn.Module):
         out = out.to(x.dtype) + self.shared_experts(x)
         return out.view(shape)
 
+    def _stacked(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """The experts' weights stacked: up (E, H, I), down (E, I, H), biases (E, 1, I/H) or None.
+
+        Outside autograd the stack is cached (it copies every expert's weights: for a 16-token
+        block that copy costs as much as the matmuls) and rebuilt when any weight is replaced or
+        modified in place (storage pointer or version counter changes)."""
+        ps = [lin.weight for e in self.experts for lin in (e.up_proj, e.down_proj)]
+        ps += [lin.bias for e in self.experts for lin in (e.up_proj, e.down_proj) if lin.bias is not None]
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in ps)
+        key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in ps)
+        if not grad and getattr(self, "_stack_key", None) == key:
+            return self._stack
+        up = torch.stack([e.up_proj.weight for e in self.experts]).transpose(1, 2)
+        down = torch.stack([e.down_proj.weight for e in self.experts]).transpose(1, 2)
+        ub = db = None
+        if self.experts[0].up_proj.bias is not None:
+            ub = torch.stack([e.up_proj.bias for e in self.experts])[:, None]
+        if self.experts[0].down_proj.bias is not None:
+            db = torch.stack([e.down_proj.bias for e in self.experts])[:, None]
+        stack = (up, down, ub, db)
+        if not grad:
+            self._stack_key, self._stack = key, stack
+        return stack
+
     def _dense(self, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
         """The routed experts' weighted sum (T, H) fp32, every expert computed on every token."""
         gates = torch.zeros(x.shape[0], len(self.experts), dtype=torch.float32, device=x.device)
         gates.scatter_(1, idx, w)  # (T, E): the top-k weights, 0 elsewhere
-        up = torch.stack([e.up_proj.weight for e in self.experts])  # (E, I, H)
-        down = torch.stack([e.down_proj.weight for e in self.experts])  # (E, H, I)
-        hid = torch.matmul(x, up.transpose(1, 2))  # (E, T, I)
-        if self.experts[0].up_proj.bias is not None:
-            hid = hid + torch.stack([e.up_proj.bias for e in self.experts])[:, None]
-        y = torch.matmul(relu2(hid), down.transpose(1, 2))  # (E, T, H)
-        if self.experts[0].down_proj.bias is not None:
-            y = y + torch.stack([e.down_proj.bias for e in self.experts])[:, None]
+        up, down, ub, db = self._stacked()
+        hid = torch.matmul(x, up)  # (E, T, I)
+        if ub is not None:
+            hid = hid + ub
+        y = torch.matmul(relu2(hid), down)  # (E, T, H)
+        if db is not None:
+            y = y + db
         return torch.einsum("te,eth->th", gates, y.float())
 
 
@@ -206,10 +229,51 @@ def ssd_chunked(
     return y, state
 
 
+def ssd_block(x: Tensor, dt: Tensor, A: Tensor, Bg: Tensor, Cg: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    """The recurrence for one short block in a single chunk, written as batched matmuls.
+
+    Why: a denoiser step or a block commit scans S = 16 tokens. `ssd_chunked` pays for the general
+    multi-chunk form (padding, per-chunk states, a loop, four einsums over heads); one chunk needs
+    none of it, and B/C stay per group (`Bg`/`Cg` (B, n, G, N), not expanded to heads), so C·Bᵀ is
+    computed once per group. Other shapes as in `ssd_sequential`, which is its twin in the tests.
+    """
+    Bsz, n, nh, P = x.shape
+    G = Bg.shape[2]
+    rep = nh // G
+    a = torch.cumsum(dt * A, dim=1).transpose(1, 2)  # (B, nh, n) cumulative log-decay
+    causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+    Lmat = torch.exp((a[..., :, None] - a[..., None, :]).masked_fill(~causal, float("-inf")))  # (B, nh, l, s)
+    Cg, Bg = Cg.transpose(1, 2), Bg.transpose(1, 2)  # (B, G, n, N)
+    CB = Cg @ Bg.transpose(2, 3)  # (B, G, l, s)
+    M = (Lmat.view(Bsz, G, rep, n, n) * CB[:, :, None]).view(Bsz, nh, n, n)
+    xdt = (x * dt[..., None]).transpose(1, 2)  # (B, nh, n, P)
+    Ch = Cg[:, :, None].expand(Bsz, G, rep, n, -1).reshape(Bsz, nh, n, -1)  # (B, nh, n, N)
+    Bh = Bg[:, :, None].expand(Bsz, G, rep, n, -1).reshape(Bsz, nh, n, -1)
+    y = M @ xdt + (Ch @ state.transpose(2, 3)) * torch.exp(a)[..., None]  # (B, nh, n, P)
+    to_end = torch.exp(a[..., -1:] - a)[..., None]  # (B, nh, n, 1) decay from each token to the end
+    state = state * torch.exp(a[..., -1])[..., None, None] + (xdt * to_end).transpose(2, 3) @ Bh
+    return y.transpose(1, 2), state
+
+
+def causal_conv(full: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Depthwise conv of full (B, C, K-1+n) with weight (C, 1, K): (B, C, n). Short inputs go
+    through unfold + multiply-sum (oneDNN's depthwise conv costs ~5x that at n = 1 on CPU)."""
+    K = weight.shape[-1]
+    n = full.shape[2] - K + 1
+    if n > Mamba2.CONV_UNFOLD_MAX:
+        return F.conv1d(full, weight, bias, groups=weight.shape[0])
+    y = (full.unfold(2, K, 1) * weight[:, None, 0, :]).sum(-1)  # (B, C, n, K) -> (B, C, n)
+    return y if bias is None else y + bias[:, None]
+
+
 class Mamba2(nn.Module):
     # Blocks up to this length use the token-by-token recurrence whatever `scan` asks: for an AR
     # step (n = 1) it is three ops against the chunked form's dozen. 0 turns it off.
     SEQUENTIAL_MAX = 1
+    # Blocks of at most chunk_size tokens use `ssd_block` (one chunk); longer ones `ssd_chunked`.
+    BLOCK_SCAN = True
+    # Inputs of at most this many new tokens take `causal_conv`'s unfold path.
+    CONV_UNFOLD_MAX = 32
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -236,8 +300,9 @@ class Mamba2(nn.Module):
         Returns (out (B, n, H), new conv_state, new ssm_state). With n_valid, positions at or after
         a row's n_valid[b] are padding: they do not change that row's returned states.
         scan: "chunked" | "sequential" | "auto" (twotower_kernels' block scan for short blocks where
-        the dispatch picks Triton, i.e. on CUDA; "chunked" otherwise). Blocks of at most
-        SEQUENTIAL_MAX tokens always take the sequential recurrence.
+        the dispatch picks Triton, i.e. on CUDA; "chunked" otherwise). Under "chunked"/"auto",
+        blocks of at most SEQUENTIAL_MAX tokens take the sequential recurrence and blocks that fit
+        one chunk take `ssd_block` (BLOCK_SCAN); "sequential" always means the recurrence.
         """
         cfg = self.cfg
         Bsz, n, _ = h.shape
@@ -245,7 +310,7 @@ class Mamba2(nn.Module):
         z, xBC, dt = self.in_proj(h).split([cfg.d_inner, cfg.conv_dim, nh], dim=-1)
         # depthwise causal conv continuing from the saved window
         full = torch.cat([conv_state.to(xBC.dtype), xBC.transpose(1, 2)], dim=2)  # (B, C, K-1+n)
-        xBC = F.silu(F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=cfg.conv_dim)).transpose(1, 2)
+        xBC = F.silu(causal_conv(full, self.conv1d.weight, self.conv1d.bias)).transpose(1, 2)
         if n_valid is None:
             new_conv = full[:, :, n:]
         else:  # each row's window ends at its own last real token
@@ -254,18 +319,25 @@ class Mamba2(nn.Module):
         x, Bm, Cm = xBC.split([cfg.d_inner, G * N, G * N], dim=-1)
         x = x.reshape(Bsz, n, nh, P).float()
         rep = nh // G
-        Bm = Bm.reshape(Bsz, n, G, N).float().repeat_interleave(rep, dim=2)  # (B, n, nh, N)
-        Cm = Cm.reshape(Bsz, n, G, N).float().repeat_interleave(rep, dim=2)
+        Bg = Bm.reshape(Bsz, n, G, N).float()  # (B, n, G, N)
+        Cg = Cm.reshape(Bsz, n, G, N).float()
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, n, nh), unclamped like the release
         if n_valid is not None:
             dt = dt * (torch.arange(n, device=h.device)[None, :] < n_valid[:, None])[..., None]
         A = -torch.exp(self.A_log.float())
-        if scan == "sequential" or (n <= self.SEQUENTIAL_MAX and scan in ("chunked", "auto")):
-            y, new_ssm = ssd_sequential(x, dt, A, Bm, Cm, ssm_state.float())
-        elif scan == "auto" and n <= kernels.BLOCK_SCAN_MAX and kernels.backend(x.device) == "triton":
+        ours = scan in ("chunked", "auto")
+        short = ours and n <= self.SEQUENTIAL_MAX
+        if scan == "auto" and not short and n <= kernels.BLOCK_SCAN_MAX and kernels.backend(x.device) == "triton":
+            Bm, Cm = Bg.repeat_interleave(rep, dim=2), Cg.repeat_interleave(rep, dim=2)  # (B, n, nh, N)
             y, new_ssm = kernels.block_scan(x, dt, A, Bm, Cm, ssm_state.float())  # short seeded block
+        elif ours and not short and n <= cfg.chunk_size and self.BLOCK_SCAN:
+            y, new_ssm = ssd_block(x, dt, A, Bg, Cg, ssm_state.float())
         else:
-            y, new_ssm = ssd_chunked(x, dt, A, Bm, Cm, ssm_state.float(), min(cfg.chunk_size, max(n, 1)))
+            Bm, Cm = Bg.repeat_interleave(rep, dim=2), Cg.repeat_interleave(rep, dim=2)  # (B, n, nh, N)
+            if scan == "sequential" or short:
+                y, new_ssm = ssd_sequential(x, dt, A, Bm, Cm, ssm_state.float())
+            else:
+                y, new_ssm = ssd_chunked(x, dt, A, Bm, Cm, ssm_state.float(), min(cfg.chunk_size, max(n, 1)))
         y = y + x * self.D.float()[:, None]
         y = self.norm(y.reshape(Bsz, n, cfg.d_inner), gate=z)
         return self.out_proj(y.to(h.dtype)), new_conv.to(conv_state.dtype), new_ssm
