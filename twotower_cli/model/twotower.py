@@ -256,11 +256,12 @@ def ssd_block(x: Tensor, dt: Tensor, A: Tensor, Bg: Tensor, Cg: Tensor, state: T
 
 
 def causal_conv(full: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Depthwise conv of full (B, C, K-1+n) with weight (C, 1, K): (B, C, n). Short inputs go
-    through unfold + multiply-sum (oneDNN's depthwise conv costs ~5x that at n = 1 on CPU)."""
+    """Depthwise conv of full (B, C, K-1+n) with weight (C, 1, K): (B, C, n). Calls of at most
+    CONV_UNFOLD_MAX tokens (B * n) go through unfold + multiply-sum: oneDNN's depthwise conv costs
+    ~5x that for one token on CPU, but unfold materialises B*C*n*K values and loses past ~32."""
     K = weight.shape[-1]
     n = full.shape[2] - K + 1
-    if n > Mamba2.CONV_UNFOLD_MAX:
+    if full.shape[0] * n > Mamba2.CONV_UNFOLD_MAX:
         return F.conv1d(full, weight, bias, groups=weight.shape[0])
     y = (full.unfold(2, K, 1) * weight[:, None, 0, :]).sum(-1)  # (B, C, n, K) -> (B, C, n)
     return y if bias is None else y + bias[:, None]
@@ -272,7 +273,7 @@ class Mamba2(nn.Module):
     SEQUENTIAL_MAX = 1
     # Blocks of at most chunk_size tokens use `ssd_block` (one chunk); longer ones `ssd_chunked`.
     BLOCK_SCAN = True
-    # Inputs of at most this many new tokens take `causal_conv`'s unfold path.
+    # Calls of at most this many new tokens (rows x tokens) take `causal_conv`'s unfold path.
     CONV_UNFOLD_MAX = 32
 
     def __init__(self, cfg: ModelConfig):
