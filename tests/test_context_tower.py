@@ -136,3 +136,21 @@ def test_concat_of_different_capacities_keeps_decoding(model):
     small.assign(torch.tensor([0, 1]), s2)
     assert small.capacity >= s2.capacity
     states_equal(small, s2)
+
+
+def test_one_token_step_alone_equals_in_a_ragged_batch(model):
+    """An AR step of a row alone takes the unmasked attention path (every slot is valid); inside a
+    batch with a longer row it takes the masked one. Both give the row's logits."""
+    V = model.config.vocab_size
+    seqs = [rand_ids((n,), V, seed=40 + n) for n in (6, 10)]
+    with torch.no_grad():
+        both = model.new_state(2)
+        ids, n_valid = padded([s[:-1] for s in seqs], seed=41, vocab=V)
+        model.context_extend(ids, both, n_valid)
+        step_both = model.context_extend(torch.stack([s[-1:] for s in seqs]), both, logits=True)
+        for b, s in enumerate(seqs):
+            alone = model.new_state(1)
+            model.context_extend(s[None, :-1], alone)
+            step_alone = model.context_extend(s[None, -1:], alone, logits=True)
+            torch.testing.assert_close(step_alone[0], step_both[b], **TOL)
+            torch.testing.assert_close(step_alone[0], reference_logits(model, [s])[0][-1], **TOL)

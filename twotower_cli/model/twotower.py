@@ -362,8 +362,9 @@ class Attention(nn.Module):
         v = self.v_proj(h).view(Bsz, n, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
         return q, k, v
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        """q (B, Hq, n, D), k/v (B, Hkv, Lk, D), mask (B, 1, n, Lk) bool (True = may attend)."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """q (B, Hq, n, D), k/v (B, Hkv, Lk, D), mask (B, 1, n, Lk) bool (True = may attend) or
+        None (every query attends to every key)."""
         rep = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -493,8 +494,11 @@ class Tower(nn.Module):
         Lk = int(start.max()) + n if Bsz else n
         state.ensure_capacity(Lk)
         pos = start[:, None] + torch.arange(n, device=dev)  # (B, n) absolute slot of each new token
-        # query j of row b sees key slot p iff p <= start_b + j (older keys and causal among new)
-        mask = (torch.arange(Lk, device=dev)[None, None, :] <= pos[:, :, None])[:, None]  # (B, 1, n, Lk)
+        # query j of row b sees key slot p iff p <= start_b + j (older keys and causal among new);
+        # one new token in rows of one length (an AR step at batch 1) sees every slot: no mask
+        mask = None
+        if n > 1 or (Bsz and int(start.min()) + n != Lk):
+            mask = (torch.arange(Lk, device=dev)[None, None, :] <= pos[:, :, None])[:, None]  # (B, 1, n, Lk)
         rows = torch.arange(Bsz, device=dev)[:, None]
         h = self.embeddings(ids)
         for i, layer in enumerate(self.layers):
@@ -527,18 +531,21 @@ class Tower(nn.Module):
         Bsz, S = ids.shape
         dev = ids.device
         Lc = int(state.lengths.max()) if Bsz else 0
-        ctx_ok = torch.arange(Lc, device=dev)[None, :] < state.lengths[:, None]  # (B, Lc)
-        mask = torch.cat([ctx_ok, ctx_ok.new_ones(Bsz, S)], dim=1)[:, None, None, :]  # (B, 1, 1, Lc+S)
+        mask = None  # every row's context is [0, Lc): nothing to mask (always so at batch 1)
+        if Bsz and int(state.lengths.min()) != Lc:
+            ctx_ok = torch.arange(Lc, device=dev)[None, :] < state.lengths[:, None]  # (B, Lc)
+            mask = torch.cat([ctx_ok, ctx_ok.new_ones(Bsz, S)], dim=1)[:, None, None, :]  # (B, 1, 1, Lc+S)
+        if mod is not None:  # per layer (B, 1, H) views, 1 + scale computed once for all layers
+            shifts, gates = mod[:, :, 0, None].unbind(1), mod[:, :, 2, None].unbind(1)
+            scales = (1 + mod[:, :, 1, None]).unbind(1)
         h = self.embeddings(ids)
         for i, layer in enumerate(self.layers):
-            if mod is not None:
-                shift, scale, gate = mod[:, i, 0, None], mod[:, i, 1, None], mod[:, i, 2, None]  # (B, 1, H)
-                if layer.kind in ("mamba", "attention"):
-                    x = layer.norm(h * (1 + scale) + shift)
-                else:
-                    x = layer.norm(h) * (1 + scale) + shift
-            else:
+            if mod is None:
                 x = layer.norm(h)
+            elif layer.kind in ("mamba", "attention"):
+                x = layer.norm(torch.addcmul(shifts[i], h, scales[i]))  # norm(h * (1 + scale) + shift)
+            else:
+                x = torch.addcmul(shifts[i], layer.norm(h), scales[i])  # norm(h) * (1 + scale) + shift
             if layer.kind == "mamba":
                 y, _, _ = layer.mixer(x, state.conv[i], state.ssm[i], None, scan)
             elif layer.kind == "attention":
@@ -548,7 +555,7 @@ class Tower(nn.Module):
                 y = layer.mixer.attend(q, K, Vv, mask)
             else:
                 y = layer.mixer(x)
-            h = h + (gate * y if mod is not None else y)
+            h = h + y if mod is None else torch.addcmul(h, gates[i], y)
         return self.norm_f(h)
 
 
