@@ -109,3 +109,17 @@ def test_dense_stack_cache_follows_weight_changes():
         torch.testing.assert_close(moe(x), per_token(moe, x), atol=1e-5, rtol=1e-5)
     moe(x).sum().backward()
     assert all(e.up_proj.weight.grad is not None for e in moe.experts)
+
+
+def test_dense_and_grouped_paths_give_the_same_gradients():
+    """Training runs both paths (mock-AR rows are few tokens, diffusion blocks many): the dense
+    path's in-place gating must leave autograd exact."""
+    grads = []
+    for dense_max in (0, 10**9):
+        moe = moe_layer(seed=11, dense_max=dense_max, mlp_bias=True)
+        x = torch.randn(6, moe.cfg.hidden_size, generator=torch.Generator().manual_seed(12), requires_grad=True)
+        (moe(x) * torch.linspace(-1, 1, moe.cfg.hidden_size)).sum().backward()
+        grads.append([x.grad] + [p.grad if p.grad is not None else torch.zeros_like(p) for p in moe.parameters()
+                                 if p.requires_grad])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -106,17 +106,19 @@ class MoE(nn.Module):
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
         return idx, (w * cfg.routed_scaling_factor).float()
 
-    # Up to this many tokens, every expert runs on every token (2 batched matmuls, unselected experts
-    # weighted 0) instead of a loop over experts: for a denoiser block or an AR step the loop's
-    # per-expert overhead costs more than the E/k times larger matmuls. 0 turns it off.
-    DENSE_MAX_TOKENS = 64
+    # Up to this many tokens, every expert runs on every token (`_dense`: 2 matmuls for the whole
+    # layer, unselected experts weighted 0) instead of a loop over experts: for a denoiser block or
+    # an AR step the loop's per-expert overhead costs more than the E/k times larger matmuls
+    # (1 thread, tiny model: 66 vs 110 us at 1 token, 190 vs 239 at 16, even at 32, loses at 64).
+    # 0 turns it off.
+    DENSE_MAX_TOKENS = 32
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, H)
         idx, w = self.route(x)
         if x.shape[0] <= self.DENSE_MAX_TOKENS:
-            return (self._dense(x, idx, w).to(x.dtype) + self.shared_experts(x)).view(shape)
+            return self._dense(x, idx, w).view(shape)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         # Loop over the experts that received tokens; each expert sees its tokens in one matmul.
         flat = idx.flatten()
@@ -135,42 +137,51 @@ class MoE(nn.Module):
         out = out.to(x.dtype) + self.shared_experts(x)
         return out.view(shape)
 
-    def _stacked(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """The experts' weights stacked: up (E, H, I), down (E, I, H), biases (E, 1, I/H) or None.
+    def _fused(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Every expert side by side, the shared expert last: up (H, E*I + Is), down (E*I + Is, H),
+        up bias (E*I + Is,) or None, down biases (E + 1, H) or None.
 
-        Outside autograd the stack is cached (it copies every expert's weights: for a 16-token
-        block that copy costs as much as the matmuls) and rebuilt when any weight is replaced or
-        modified in place (storage pointer or version counter changes)."""
-        ps = [lin.weight for e in self.experts for lin in (e.up_proj, e.down_proj)]
-        ps += [lin.bias for e in self.experts for lin in (e.up_proj, e.down_proj) if lin.bias is not None]
+        Outside autograd this is cached (it copies every expert's weights: for a 16-token block
+        that copy costs as much as the matmuls) and rebuilt when any weight is replaced or modified
+        in place (storage pointer or version counter changes)."""
+        mlps = [*self.experts, self.shared_experts]
+        # The key reads the module dicts directly: 30 nn.Module.__getattr__ lookups per call would
+        # cost ~20 us, as much as the layer's matmuls for one token.
+        lins = [m._modules[n] for m in mlps for n in ("up_proj", "down_proj")]
+        ps = [p for lin in lins for p in lin._parameters.values() if p is not None]
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in ps)
         key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in ps)
-        if not grad and getattr(self, "_stack_key", None) == key:
-            return self._stack
-        up = torch.stack([e.up_proj.weight for e in self.experts]).transpose(1, 2)
-        down = torch.stack([e.down_proj.weight for e in self.experts]).transpose(1, 2)
+        if not grad and getattr(self, "_fused_key", None) == key:
+            return self._fused_w
+        up = torch.cat([m.up_proj.weight for m in mlps]).t()
+        down = torch.cat([m.down_proj.weight for m in mlps], dim=1).t()
         ub = db = None
-        if self.experts[0].up_proj.bias is not None:
-            ub = torch.stack([e.up_proj.bias for e in self.experts])[:, None]
-        if self.experts[0].down_proj.bias is not None:
-            db = torch.stack([e.down_proj.bias for e in self.experts])[:, None]
-        stack = (up, down, ub, db)
+        if mlps[0].up_proj.bias is not None:
+            ub = torch.cat([m.up_proj.bias for m in mlps])
+        if mlps[0].down_proj.bias is not None:
+            db = torch.stack([m.down_proj.bias for m in mlps])
+        fused = (up.contiguous(), down.contiguous(), ub, db)
         if not grad:
-            self._stack_key, self._stack = key, stack
-        return stack
+            self._fused_key, self._fused_w = key, fused
+        return fused
 
     def _dense(self, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
-        """The routed experts' weighted sum (T, H) fp32, every expert computed on every token."""
-        gates = torch.zeros(x.shape[0], len(self.experts), dtype=torch.float32, device=x.device)
-        gates.scatter_(1, idx, w)  # (T, E): the top-k weights, 0 elsewhere
-        up, down, ub, db = self._stacked()
-        hid = torch.matmul(x, up)  # (E, T, I)
-        if ub is not None:
-            hid = hid + ub
-        y = torch.matmul(relu2(hid), down)  # (E, T, H)
-        if db is not None:
-            y = y + db
-        return torch.einsum("te,eth->th", gates, y.float())
+        """The whole layer (T, H) for a few tokens, every expert computed on every token.
+
+        All experts and the shared one sit side by side in one up and one down projection; each
+        token's hidden units of expert e are scaled by its weight for e (0 if not chosen; the
+        shared expert's by 1), so the down projection sums the chosen experts and the shared one:
+        two matmuls for the whole layer."""
+        T, E = x.shape[0], len(self.experts)
+        gates = torch.zeros(T, E + 1, dtype=torch.float32, device=x.device)
+        gates.scatter_(1, idx, w)  # (T, E + 1): the top-k weights, 0 elsewhere ...
+        gates[:, E] = 1.0  # ... and the shared expert
+        up, down, ub, db = self._fused()
+        hid = relu2(x @ up if ub is None else torch.addmm(ub, x, up))  # (T, E*I + Is)
+        EI = E * self.experts[0].up_proj.weight.shape[0]
+        hid[:, :EI].view(T, E, -1).mul_(gates[:, :E, None].to(hid.dtype))  # the shared units keep 1
+        y = hid @ down
+        return y if db is None else y + (gates @ db.float()).to(y.dtype)
 
 
 # ------------------------------------------------------------------------------------------------
