@@ -23,7 +23,7 @@ def random_ckpt(tmp_path_factory):
 
 def test_bench_json_rows(random_ckpt):
     r = CliRunner().invoke(app, ["bench", "--model", str(random_ckpt), "--json", "--n-per-task", "1",
-                                 "--gammas", "0.5,0.9", "--max-new-tokens", "8"])
+                                 "--gammas", "0.5,0.9", "--max-new-tokens", "8", "--rounds", "2"])
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert [(x["mode"], x["gamma"]) for x in rows] == [("ar", None), ("mock-ar", None), ("diffusion", 0.5),
@@ -44,3 +44,27 @@ def test_bench_table_on_embedded_model():
     r = CliRunner().invoke(app, ["bench", "--n-per-task", "2", "--gammas", "0.8", "--max-new-tokens", "48"])
     assert r.exit_code == 0, r.output
     assert "diffusion" in r.stdout and "speedup" in r.stdout
+
+
+def test_bench_interleaves_rounds_and_takes_the_median(random_ckpt, monkeypatch, capsys):
+    """Passes run every configuration in turn (a load burst hits one pass of each, not all of one);
+    each row's tokens/s comes from its median pass."""
+    from twotower_cli.commands import bench as cmd
+
+    calls = []
+    walls = {"ar": [4.0, 1.0, 2.0], "mock-ar": [8.0, 8.0, 8.0], "diffusion": [9.0, 0.5, 1.0]}
+
+    def fake(model, tok, items, mode, gamma, *a):
+        full = len(items) > 2  # the warm-up decodes 2 prompts
+        if full:
+            calls.append(mode)
+        wall = walls[mode][sum(c == mode for c in calls) - 1] if full else 1.0
+        return {"mode": mode, "gamma": gamma, "accuracy": 1.0, "per_task": {"copy": 1.0},
+                "tokens_per_step": 1.0, "tokens_per_s": 100 / wall, "completion_tokens": 100, "wall_s": wall}
+
+    monkeypatch.setattr(cmd, "evaluate", fake)
+    cmd.run(random_ckpt, True, 1, 1, (0.8,), 16, 16, 8, None, 0, rounds=3)
+    assert calls == ["ar", "mock-ar", "diffusion"] * 3
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["tokens_per_s"] for r in rows] == [50.0, 12.5, 100.0]  # medians: 2.0, 8.0, 1.0 s
+    assert rows[2]["speedup_vs_ar"] == 2.0

@@ -149,6 +149,9 @@ def bench(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per row.")] = 64,
     threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: torch's).")] = None,
     seed: Annotated[int, typer.Option(help="Which held-out sample to draw.")] = 0,
+    rounds: Annotated[int, typer.Option(min=1, help="Timed passes over all configurations, interleaved; "
+                                                    "tokens/s is each one's median (outputs are identical "
+                                                    "every pass).")] = 3,
 ) -> None:
     """AR vs mock-AR vs diffusion at several γ on held-out tasks: exact match, quality vs AR,
     tokens per denoiser step, tokens/s and speed-up vs AR, measured in one run."""
@@ -161,7 +164,7 @@ def bench(
             raise cmd.UserError(f"--gammas must be comma-separated numbers, got {gammas!r}") from None
         if not gs or any(not 0.0 <= g <= 1.0 for g in gs):
             raise cmd.UserError("--gammas must be numbers in [0, 1]")
-        cmd.run(model, as_json, n_per_task, batch, gs, block, steps, max_new_tokens, threads, seed)
+        cmd.run(model, as_json, n_per_task, batch, gs, block, steps, max_new_tokens, threads, seed, rounds)
 
 
 def main() -> None:
