@@ -88,20 +88,6 @@ def test_mamba_ragged_rows_equal_rows_alone(scan):
             torch.testing.assert_close(ssm2[b], s1[0], atol=1e-5, rtol=1e-5)
 
 
-def test_mamba_module_chunked_equals_sequential():
-    cfg = tiny_cfg()
-    mixer = random_model(cfg, seed=9, ar_only=True).context_tower.layers[0].mixer
-    g = torch.Generator().manual_seed(10)
-    h = torch.randn(2, 16, cfg.hidden_size, generator=g)
-    conv = torch.randn(2, cfg.conv_dim, cfg.conv_kernel - 1, generator=g)
-    ssm = torch.randn(2, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, generator=g)
-    with torch.no_grad():
-        a = mixer(h, conv, ssm, None, "sequential")
-        b = mixer(h, conv, ssm, None, "chunked")
-    for x, y in zip(a, b, strict=True):
-        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("G", [1, 2, 4])
 @pytest.mark.parametrize("n", [2, 5, 16])
 def test_block_scan_equals_sequential(G, n):
@@ -139,15 +125,16 @@ def test_causal_conv_equals_conv1d(n, bias):
     torch.testing.assert_close(causal_conv(full, w, b), F.conv1d(full, w, b, groups=C), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("n", [1, 7, 16])
 @pytest.mark.parametrize("fast", [True, False], ids=["block+unfold", "chunked+conv1d"])
-def test_mamba_module_fast_paths_equal_sequential(n, fast, monkeypatch):
+def test_mamba_module_fast_paths_equal_sequential(n, fast, groups, monkeypatch):
     """The mixer with the short-input paths on (ssd_block, unfold conv) and off (ssd_chunked,
     conv1d) == the sequential recurrence, for an AR step, a ragged length and a block."""
     monkeypatch.setattr(Mamba2, "BLOCK_SCAN", fast)
     monkeypatch.setattr(Mamba2, "CONV_UNFOLD_MAX", 32 if fast else 0)
     monkeypatch.setattr(Mamba2, "SEQUENTIAL_MAX", 1 if fast else 0)
-    cfg = tiny_cfg(n_groups=2)
+    cfg = tiny_cfg(n_groups=groups)
     mixer = random_model(cfg, seed=15, ar_only=True).context_tower.layers[0].mixer
     g = torch.Generator().manual_seed(16)
     h = torch.randn(2, n, cfg.hidden_size, generator=g)
