@@ -123,3 +123,13 @@ def test_dense_and_grouped_paths_give_the_same_gradients():
                                  if p.requires_grad])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_many_experts_never_take_the_dense_path():
+    """With many experts (the release has 128) a few tokens still go through the grouped loop:
+    no all-expert compute and no cached copy of the expert weights."""
+    moe = moe_layer(seed=13, n_routed_experts=16, num_experts_per_tok=2)
+    x = torch.randn(3, moe.cfg.hidden_size, generator=torch.Generator().manual_seed(14))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), per_token(moe, x), atol=1e-5, rtol=1e-5)
+    assert not hasattr(moe, "_fused_key")

@@ -112,12 +112,16 @@ class MoE(nn.Module):
     # (1 thread, tiny model: 66 vs 110 us at 1 token, 190 vs 239 at 16, even at 32, loses at 64).
     # 0 turns it off.
     DENSE_MAX_TOKENS = 32
+    # ... and only for layers of at most this many routed experts: the all-expert compute and the
+    # cached side-by-side copy of every expert's weights pay off for a handful of experts, not for
+    # the release's 128 (top-6: 21x the FLOPs, and a second copy of each MoE layer in memory).
+    DENSE_MAX_EXPERTS = 8
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, H)
         idx, w = self.route(x)
-        if x.shape[0] <= self.DENSE_MAX_TOKENS:
+        if x.shape[0] <= self.DENSE_MAX_TOKENS and len(self.experts) <= self.DENSE_MAX_EXPERTS:
             return self._dense(x, idx, w).view(shape)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         # Loop over the experts that received tokens; each expert sees its tokens in one matmul.
