@@ -343,14 +343,14 @@ class Mamba2(nn.Module):
         A = -torch.exp(self.A_log.float())
         ours = scan in ("chunked", "auto")
         short = ours and n <= self.SEQUENTIAL_MAX
-        if scan == "auto" and not short and n <= kernels.BLOCK_SCAN_MAX and kernels.backend(x.device) == "triton":
-            Bm, Cm = Bg.repeat_interleave(rep, dim=2), Cg.repeat_interleave(rep, dim=2)  # (B, n, nh, N)
-            y, new_ssm = kernels.block_scan(x, dt, A, Bm, Cm, ssm_state.float())  # short seeded block
-        elif ours and not short and n <= cfg.chunk_size and self.BLOCK_SCAN:
+        triton = scan == "auto" and not short and n <= kernels.BLOCK_SCAN_MAX and kernels.backend(x.device) == "triton"
+        if ours and not (short or triton) and n <= cfg.chunk_size and self.BLOCK_SCAN:
             y, new_ssm = ssd_block(x, dt, A, Bg, Cg, ssm_state.float())
         else:
             Bm, Cm = Bg.repeat_interleave(rep, dim=2), Cg.repeat_interleave(rep, dim=2)  # (B, n, nh, N)
-            if scan == "sequential" or short:
+            if triton:
+                y, new_ssm = kernels.block_scan(x, dt, A, Bm, Cm, ssm_state.float())  # short seeded block
+            elif scan == "sequential" or short:
                 y, new_ssm = ssd_sequential(x, dt, A, Bm, Cm, ssm_state.float())
             else:
                 y, new_ssm = ssd_chunked(x, dt, A, Bm, Cm, ssm_state.float(), min(cfg.chunk_size, max(n, 1)))
