@@ -28,7 +28,7 @@ from twotower_cli.config import DecodeParams
 from twotower_cli.engine import Engine, Request
 from twotower_cli.io.manifest import RunLock
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # One torch thread in the children too: tiny shapes, shared CPUs (see conftest.py).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 FAST = ["--block", "4", "--max-new-tokens", "8", "--max-batch-rows", "8", "-q"]

@@ -28,7 +28,7 @@ from twotower_cli.io.stats import read_run, render_summary
 from twotower_cli.io.writer import ShardWriter, read_errors
 
 FP = {"model": {"name": "tiny", "checkpoint": "sha256:0123"}, "mode": "diffusion", "gamma": 0.8, "block_size": 16}
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def rec(i, **kw) -> dict:
