@@ -28,11 +28,45 @@ class Request:
         return row_key(self.id)
 
 
+@dataclass(frozen=True)
+class Stats:
+    """How one row was decoded. The output columns of the same names (io.schema) are these.
+
+    `steps` is the one definition of a decoding step (docs/SPEC.md): a denoiser forward the row
+    took part in (diffusion, mock-AR), or a context-tower forward that chose a token (AR).
+    `tokens_per_step` = completion_tokens / steps, the completion as written (cut after the first
+    EOS, the EOS counted; `decoded_tokens` also counts what the cut dropped).
+    """
+
+    mode: str
+    gamma: float
+    block_size: int
+    steps_per_block: int
+    temperature: float
+    seed: int
+    prompt_tokens: int
+    completion_tokens: int
+    decoded_tokens: int
+    denoiser_steps: int
+    context_forwards: int
+    blocks: int
+    finish_reason: str  # "eos" or "length"
+    latency_s: float
+
+    @property
+    def steps(self) -> int:
+        return self.decoded_tokens if self.mode == "ar" else self.denoiser_steps
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.completion_tokens / self.steps if self.steps else 0.0
+
+
 @dataclass
 class Result:
     """A finished row. `tokens` is the completion, cut after the first EOS (the EOS is kept)."""
 
     id: str
     tokens: list[int]
-    stats: dict[str, Any]
+    stats: Stats
     meta: Any = None
