@@ -136,8 +136,8 @@ def run(cfg: RunConfig, on_result: Callable[[Progress], None] | None = None,
         for res in engine.run(requests(), stop=lambda: prog.stopping > 1):
             rd.add(_record(res, cfg))
             prog.rows += 1
-            prog.tokens += res.stats["completion_tokens"]
-            prog.steps += res.stats["denoiser_steps"] or res.stats["decoded_tokens"]
+            prog.tokens += res.stats.completion_tokens
+            prog.steps += res.stats.steps
             if on_result:
                 on_result(prog)
             if time.monotonic() - last_commit > cfg.commit_every_s:
@@ -180,7 +180,7 @@ def _record(res: Result, cfg: RunConfig) -> dict[str, Any]:
     keep = ("mode", "gamma", "block_size", "steps_per_block", "temperature", "seed", "prompt_tokens",
             "completion_tokens", "denoiser_steps", "context_forwards", "tokens_per_step", "blocks",
             "finish_reason", "latency_s")
-    rec = {k: s[k] for k in keep}
+    rec = {k: getattr(s, k) for k in keep}
     rec.update(id=res.id, prompt=row.prompt_text(), completion=_decode(cfg.tokenizer, res.tokens, cfg),
                model=f"{cfg.model_name}@{cfg.model_fingerprint}")
     return rec

@@ -391,7 +391,7 @@ class _Generate:
         for res in self.engine.run(requests()):
             rec = _record(res, self.cfg)
             rec["created_at"] = datetime.now(timezone.utc)
-            rec["_steps"] = res.stats["denoiser_steps"] or res.stats["decoded_tokens"]
+            rec["_steps"] = res.stats.steps
             kinds.append("row")
             payloads.append(orjson.dumps(rec))
         kinds.append("counters")

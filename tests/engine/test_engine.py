@@ -61,10 +61,10 @@ def test_streamlined_equals_reference_batch1(model, mode):
         (res,) = run_engine(model, [row], [p], max_batch_rows=1)
         expect = alone(model, row, p, 0)
         assert res.tokens == expect[0], (mode, i)
-        assert res.stats["finish_reason"] == expect[1]
+        assert res.stats.finish_reason == expect[1]
         if mode == "diffusion":  # the engine stops a row once its output is decided
             early = ref.generate_mask_diffusion(model, [row], [p], [row_key("0")], EOS, early_exit=True)[0]
-            assert early[:2] == expect[:2] and res.stats["denoiser_steps"] == early[2] <= expect[2]
+            assert early[:2] == expect[:2] and res.stats.denoiser_steps == early[2] <= expect[2]
 
 
 def test_early_exit_keeps_tokens_and_saves_steps(peaked):
@@ -78,7 +78,7 @@ def test_early_exit_keeps_tokens_and_saves_steps(peaked):
         early = ref.generate_mask_diffusion(peaked, [row], [p], [row_key(str(i))], eos, early_exit=True)[0]
         (res,) = run_engine(peaked, [row], [p], max_batch_rows=1, eos=eos, ids=[str(i)])
         assert early[:2] == full[:2] and res.tokens == full[0]
-        assert res.stats["denoiser_steps"] == early[2] <= full[2]
+        assert res.stats.denoiser_steps == early[2] <= full[2]
         saved += full[2] - early[2]
     assert saved > 0
 
@@ -95,8 +95,8 @@ def test_mixed_batch_rows_equal_alone(peaked):
     for i, (row, p, res) in enumerate(zip(rows, params, results)):
         expect = alone(peaked, row, p, i)
         assert res.tokens == expect[0], i
-        assert res.stats["completion_tokens"] == len(expect[0])
-        assert res.stats["mode"] == p.mode and res.stats["gamma"] == p.gamma
+        assert res.stats.completion_tokens == len(expect[0])
+        assert res.stats.mode == p.mode and res.stats.gamma == p.gamma
 
 
 def test_sampling_reproducible_and_batch_independent(peaked):
@@ -120,8 +120,8 @@ def test_sampling_reproducible_and_batch_independent(peaked):
 def test_gamma_one_commits_one_token_per_step(model):
     p = DecodeParams(mode="diffusion", gamma=1.0, block_size=8, steps_per_block=8, max_new_tokens=16)
     (res,) = run_engine(model, [[5, 6, 7]], [p], eos=set())
-    assert res.stats["denoiser_steps"] == 16 and res.stats["blocks"] == 2
-    assert res.stats["tokens_per_step"] == 1.0
+    assert res.stats.denoiser_steps == 16 and res.stats.blocks == 2
+    assert res.stats.tokens_per_step == 1.0
 
 
 def test_last_step_commits_the_rest():
@@ -171,12 +171,12 @@ def test_eos_cut_and_partial_last_block(model):
     row = [9, 8, 7, 6]
     p = DecodeParams(mode="diffusion", gamma=0.5, max_new_tokens=21)
     (res,) = run_engine(model, [row], [p], eos=set())
-    assert len(res.tokens) == 21 and res.stats["blocks"] == 2 and res.stats["finish_reason"] == "length"
-    assert 21 <= res.stats["decoded_tokens"] <= 32  # the last block ends once its first 5 are committed
+    assert len(res.tokens) == 21 and res.stats.blocks == 2 and res.stats.finish_reason == "length"
+    assert 21 <= res.stats.decoded_tokens <= 32  # the last block ends once its first 5 are committed
     eos_tok = res.tokens[6]
     first = res.tokens.index(eos_tok)
     (cut,) = run_engine(model, [row], [p], eos={eos_tok})
-    assert cut.tokens == res.tokens[: first + 1] and cut.stats["finish_reason"] == "eos"
+    assert cut.tokens == res.tokens[: first + 1] and cut.stats.finish_reason == "eos"
     assert cut.tokens == alone(model, row, p, 0, eos={eos_tok})[0]
 
 
@@ -184,17 +184,17 @@ def test_ar_modes_stop_at_limit_and_eos(model):
     for mode in ("ar", "mock-ar"):
         p = DecodeParams(mode=mode, max_new_tokens=9)
         (res,) = run_engine(model, [[4, 5]], [p], eos=set())
-        assert len(res.tokens) == 9 and res.stats["finish_reason"] == "length"
+        assert len(res.tokens) == 9 and res.stats.finish_reason == "length"
         (cut,) = run_engine(model, [[4, 5]], [p], eos={res.tokens[3]})
-        assert cut.tokens[-1] == res.tokens[3] and cut.stats["finish_reason"] == "eos"
+        assert cut.tokens[-1] == res.tokens[3] and cut.stats.finish_reason == "eos"
 
 
 def test_release_api_returns_prompt_plus_completion(model):
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
     out = model.generate_mask_diffusion(ids, max_new_tokens=10, eos_token_id=None)
     assert out.shape[0] == 2 and torch.equal(out[:, :4], ids)
-    assert [s["completion_tokens"] for s in model.last_stats] == [10, 10] or any(
-        s["finish_reason"] == "eos" for s in model.last_stats
+    assert [s.completion_tokens for s in model.last_stats] == [10, 10] or any(
+        s.finish_reason == "eos" for s in model.last_stats
     )
     ar = model.generate_ar([[5, 6, 7]], max_new_tokens=4)
     assert ar[0][:3] == [5, 6, 7] and len(ar[0]) <= 7
@@ -228,4 +228,4 @@ def test_two_device_bookkeeping_gives_identical_tokens(peaked, overlap, mirror):
     other = go(overlap=overlap, mirror=mirror)
     assert [r.tokens for r in other] == [r.tokens for r in plain]
     keys = ("denoiser_steps", "context_forwards", "blocks", "finish_reason")
-    assert [[r.stats[k] for k in keys] for r in other] == [[r.stats[k] for k in keys] for r in plain]
+    assert [[getattr(r.stats, k) for k in keys] for r in other] == [[getattr(r.stats, k) for k in keys] for r in plain]

@@ -193,4 +193,4 @@ def test_training_evaluator_agrees_with_the_engine():
         res = {r.id: r for r in Engine(model, max_batch_rows=4).run(
             Request(str(i), p, params) for i, p in enumerate(prompts))}
         assert [res[str(i)].tokens for i in range(len(prompts))] == outs
-        assert [res[str(i)].stats["denoiser_steps"] for i in range(len(prompts))] == nfes
+        assert [res[str(i)].stats.denoiser_steps for i in range(len(prompts))] == nfes

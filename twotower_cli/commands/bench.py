@@ -52,8 +52,8 @@ def evaluate(model, tok, items, mode: str, gamma: float | None, batch: int, bloc
         toks = r.tokens[:-1] if r.tokens and r.tokens[-1] in eos else r.tokens
         right[task][0] += tok.decode(toks, skip_special_tokens=True) == answer
         right[task][1] += 1
-        tokens += r.stats["completion_tokens"]
-        steps_total += r.stats["denoiser_steps"] if mode != "ar" else r.stats["decoded_tokens"]
+        tokens += r.stats.completion_tokens
+        steps_total += r.stats.steps
     per_task = {t: c / n for t, (c, n) in right.items()}
     return {"mode": mode, "gamma": gamma, "accuracy": sum(c for c, _ in right.values()) / len(results),
             "per_task": per_task, "tokens_per_step": tokens / steps_total if steps_total else 0.0,

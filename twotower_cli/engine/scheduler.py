@@ -33,7 +33,7 @@ from ..config import DecodeParams
 from ..model.twotower import TwoTower
 from .cache import SlotPool
 from .decode import choose, commit_mask, settled
-from .request import Request, Result
+from .request import Request, Result, Stats
 
 
 @dataclass
@@ -328,12 +328,10 @@ class Engine:
     def _result(self, r: _Row) -> Result:
         p = r.p
         tokens, reason = finish_tokens(r.out, p.max_new_tokens, self.eos)
-        steps = r.nfe if p.mode != "ar" else len(r.out)
-        stats = {
-            "mode": p.mode, "gamma": p.gamma, "block_size": p.block_size, "steps_per_block": p.steps_per_block,
-            "temperature": p.temperature, "seed": p.seed, "prompt_tokens": len(r.req.prompt_ids),
-            "completion_tokens": len(tokens), "decoded_tokens": len(r.out), "denoiser_steps": r.nfe,
-            "context_forwards": r.ctx, "tokens_per_step": len(tokens) / steps if steps else 0.0,
-            "blocks": r.blocks, "finish_reason": reason, "latency_s": time.perf_counter() - r.started,
-        }
+        stats = Stats(
+            mode=p.mode, gamma=p.gamma, block_size=p.block_size, steps_per_block=p.steps_per_block,
+            temperature=p.temperature, seed=p.seed, prompt_tokens=len(r.req.prompt_ids),
+            completion_tokens=len(tokens), decoded_tokens=len(r.out), denoiser_steps=r.nfe,
+            context_forwards=r.ctx, blocks=r.blocks, finish_reason=reason, latency_s=time.perf_counter() - r.started,
+        )
         return Result(id=r.req.id, tokens=tokens, stats=stats, meta=r.req.meta)
