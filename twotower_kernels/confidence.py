@@ -3,7 +3,7 @@
 For each (row, position) of the active block's logits (B, S, V):
 
     pred = argmax(logits)                     at temperature <= 0
-         = argmax(logits / T + Gumbel noise)  otherwise (noise of `engine.decode.gumbel`)
+         = argmax(logits / T + Gumbel noise)  otherwise (noise of `gumbel` below)
     conf = softmax(logits)[pred]              always at temperature 1
     the mask id (when given) counts as -inf: never proposed, no probability mass
 
@@ -11,12 +11,13 @@ The ref materialises softmax and the (B, S, V) noise; the kernel streams V in ti
 max / sum-exp / best score / best index, so nothing of size V is written. Ties go to the lowest
 vocab index, as torch.argmax does (first maximum).
 
-Noise: the kernel restates decode.gumbel's counter hash (murmur3's 32-bit finaliser over seed,
-row key, step, position, vocab id) in uint32 arithmetic, and its two logs in fp64, rounded to fp32
-once at the end as the ref does. It is bit-identical to decode.gumbel wherever the two fp64 `log`
+Noise: `gumbel` below is its definition (the engine and the reference both sample with it): a
+counter hash (murmur3's 32-bit finaliser over seed, row key, step, position, vocab id) and two
+logs in fp64, rounded to fp32 once at the end. The kernel restates the hash in uint32 arithmetic
+and the logs in fp64. It is bit-identical to `gumbel` wherever the two fp64 `log`
 implementations (torch's vs Triton's libdevice or, interpreted, numpy's) agree; they are accurate
 to ~1 ulp of fp64, which the final rounding to fp32 hides except with probability ~1e-9 per value
-(tests: `gumbel_triton` == `decode.gumbel` bitwise). `conf` is the same probability computed in
+(tests: `gumbel_triton` == `gumbel` bitwise). `conf` is the same probability computed in
 another order, within a few fp32 ulps (tests: rtol 1e-5).
 """
 
@@ -30,19 +31,63 @@ from torch import Tensor
 
 from . import load_triton
 
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """murmur3's 32-bit finaliser on int64 tensors holding values in [0, 2^32).
+
+    int64 products wrap in two's complement, so masking keeps the exact low 32 bits."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def _row_stream(seed: Tensor, key: Tensor, pos: Tensor, step: Tensor) -> Tensor:
+    """A 32-bit stream id per (row, position). seed/key/step (B,), pos (B, S) -> (B, S) int64."""
+    h = _mix32((seed & _M32) ^ 0x9E3779B9)
+    h = _mix32(h ^ (key & _M32))
+    h = _mix32(h ^ ((key >> 32) & _M32))
+    h = _mix32(h ^ (step & _M32))
+    return _mix32(h[:, None] ^ (pos & _M32))
+
+
+def gumbel(seed: Tensor, key: Tensor, pos: Tensor, step: Tensor, vocab: int) -> Tensor:
+    """Gumbel(0, 1) noise (B, S, V) fp32 keyed by (seed, row key, position, step, vocab id)."""
+    dev = pos.device
+    h = _row_stream(seed.to(dev), key.to(dev), pos, step.to(dev))  # (B, S)
+    v = torch.arange(vocab, device=dev, dtype=torch.int64) * 0x27D4EB2F & _M32
+    u = _mix32(h[..., None] ^ v)  # (B, S, V)
+    u = (u.double() + 0.5) / 4294967296.0  # strictly inside (0, 1)
+    return (-torch.log(-torch.log(u))).float()
+
+
+def choose_ref(
+    logits: Tensor, temperature: Tensor, seed: Tensor, key: Tensor, pos: Tensor, step: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Token choice and confidence in plain torch: the CPU path and the spec of the fused kernel.
+
+    logits (B, S, V) fp32 with excluded ids already -inf; temperature (B,) (<= 0: greedy); seed,
+    key, step (B,) int64; pos (B, S) int64. Returns (pred (B, S) int64, conf (B, S) fp32).
+    """
+    greedy = temperature <= 0  # (B,)
+    scores = logits
+    if not bool(greedy.all()):
+        t = torch.where(greedy, torch.ones_like(temperature), temperature).to(logits)[:, None, None]
+        noisy = logits / t + gumbel(seed, key, pos, step, logits.shape[-1])
+        scores = torch.where(greedy[:, None, None].to(logits.device), logits, noisy)
+    pred = scores.argmax(-1)  # (B, S)
+    conf = torch.softmax(logits, dim=-1).gather(-1, pred[..., None])[..., 0]
+    return pred, conf
+
 
 def confidence_ref(
     logits: Tensor, temperature: Tensor, seed: Tensor, key: Tensor, pos: Tensor, step: Tensor,
     mask_id: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The spec, in plain torch: what `engine.decode.choose` computes after masking `mask_id`.
-
-    logits (B, S, V) fp32; temperature (B,) (<= 0: greedy); seed, key, step (B,) int64;
-    pos (B, S) int64. Returns (pred (B, S) int64, conf (B, S) fp32).
-    """
-    # the engine owns the noise's definition; imported here so that this package imports alone
-    from twotower_cli.engine.decode import choose_ref
-
+    """The kernel's torch twin: `choose_ref` after excluding `mask_id` (never proposed, no mass)."""
     if mask_id is not None:
         logits = logits.clone()
         logits[..., mask_id] = -float("inf")
@@ -66,7 +111,7 @@ def _kernels():
 
     @triton.jit
     def mix32(x):
-        # murmur3's finaliser; uint32 products wrap mod 2^32 like decode._mix32's masked int64 ones
+        # murmur3's finaliser; uint32 products wrap mod 2^32 like _mix32's masked int64 ones
         x = x ^ (x >> 16)
         x = x * 0x85EBCA6B
         x = x ^ (x >> 13)
@@ -75,7 +120,7 @@ def _kernels():
 
     @triton.jit
     def row_stream(seed_ptr, key_ptr, step_ptr, pos_ptr, b, s, stride_pb, stride_ps):
-        # decode.row_stream for one (row, position); int64 -> uint32 keeps the low 32 bits
+        # _row_stream (torch, above) for one (row, position); int64 -> uint32 keeps the low 32 bits
         k = tl.load(key_ptr + b)
         h = mix32(tl.load(seed_ptr + b).to(tl.uint32) ^ 0x9E3779B9)
         h = mix32(h ^ k.to(tl.uint32))
@@ -85,7 +130,7 @@ def _kernels():
 
     @triton.jit
     def noise(h, offs):
-        # Gumbel(0, 1) for vocab ids `offs` of stream h: fp64 like decode.gumbel, one rounding to fp32
+        # Gumbel(0, 1) for vocab ids `offs` of stream h: fp64 like gumbel (torch, above), one rounding to fp32
         u = mix32(h ^ (offs.to(tl.uint32) * 0x27D4EB2F))
         u = (u.to(tl.float64) + 0.5) * 2.3283064365386963e-10  # / 2^32, exact
         return (-tl.log(-tl.log(u))).to(tl.float32)
@@ -183,7 +228,7 @@ def confidence_triton(
 
 
 def gumbel_triton(seed: Tensor, key: Tensor, pos: Tensor, step: Tensor, vocab: int) -> Tensor:
-    """The kernel's noise written out (B, S, V) fp32: the twin of `engine.decode.gumbel` (tests)."""
+    """The kernel's noise written out (B, S, V) fp32: the twin of `gumbel` (tests)."""
     _, kernel = _kernels()
     dev = pos.device
     seed, key, step, pos = _row_args(seed, key, step, pos, dev)

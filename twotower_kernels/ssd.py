@@ -8,7 +8,7 @@ the block (the case SPEC.md §3 warns about).
 
     state = exp(dt*A) * state + dt * outer(x, B);  y = state · C      (no D skip term)
 
-Shapes, as `model.twotower.ssd_sequential`: x (B, n, nh, P), dt (B, n, nh), A (nh,),
+Shapes: x (B, n, nh, P), dt (B, n, nh), A (nh,),
 Bm/Cm (B, n, nh, N) already expanded to heads, state (B, nh, P, N); all fp32.
 The kernel agrees with the ref to rounding (it may fuse multiply-adds and sums C·state in another
 order; Triton's exp is a fast approximation on GPU): tests hold it to 1e-5.

@@ -13,7 +13,7 @@ from twotower_cli.engine import Engine, Request
 from twotower_cli.engine import reference as ref
 from twotower_cli.engine.decode import choose, commit_mask
 from twotower_cli.engine.request import row_key
-from twotower_cli.model.twotower import TwoTower
+from twotower_cli.engine.generation import TwoTowerForGeneration as TwoTower
 
 REF = {"ar": ref.generate_ar, "mock-ar": ref.generate_mock_ar, "diffusion": ref.generate_mask_diffusion}
 EOS = {2}

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from model_helpers import random_model, tiny_cfg
 
-from twotower_cli.model.twotower import Mamba2, causal_conv, ssd_block, ssd_chunked, ssd_sequential
+from twotower_cli.model.twotower import Mamba2, causal_conv, ssd_block, ssd_chunked
+from twotower_kernels.ssd import ssd_ref
 
 
 def scan_inputs(B=2, n=16, nh=4, P=8, N=6, seed=0):
@@ -22,9 +23,9 @@ def scan_inputs(B=2, n=16, nh=4, P=8, N=6, seed=0):
 
 
 def test_sequential_is_the_recurrence():
-    """ssd_sequential against the SPEC §2 formula written out for one row, one head."""
+    """ssd_ref (the token-by-token recurrence) against the SPEC §2 formula written out for one row, one head."""
     x, dt, A, Bm, Cm, state = scan_inputs(B=1, n=5, nh=1, P=3, N=2, seed=1)
-    y, final = ssd_sequential(x, dt, A, Bm, Cm, state)
+    y, final = ssd_ref(x, dt, A, Bm, Cm, state)
     s = state[0, 0].clone()  # (P, N)
     for i in range(5):
         s = torch.exp(dt[0, i, 0] * A[0]) * s + dt[0, i, 0] * torch.outer(x[0, i, 0], Bm[0, i, 0])
@@ -36,7 +37,7 @@ def test_sequential_is_the_recurrence():
 def test_chunked_equals_sequential_seeded_block(chunk):
     """The denoiser's case: a 16-token block continuing from a context state, any chunk size."""
     x, dt, A, Bm, Cm, state = scan_inputs(n=16)
-    y_ref, s_ref = ssd_sequential(x, dt, A, Bm, Cm, state)
+    y_ref, s_ref = ssd_ref(x, dt, A, Bm, Cm, state)
     y, s = ssd_chunked(x, dt, A, Bm, Cm, state, chunk)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
@@ -44,7 +45,7 @@ def test_chunked_equals_sequential_seeded_block(chunk):
 
 def test_chunked_equals_sequential_long_sequence():
     x, dt, A, Bm, Cm, state = scan_inputs(n=37, seed=2)
-    y_ref, s_ref = ssd_sequential(x, dt, A, Bm, Cm, state)
+    y_ref, s_ref = ssd_ref(x, dt, A, Bm, Cm, state)
     y, s = ssd_chunked(x, dt, A, Bm, Cm, state, 8)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
@@ -56,9 +57,9 @@ def test_dt_zero_positions_leave_state_unchanged(scan):
     valid = 11
     dt_pad = dt.clone()
     dt_pad[:, valid:] = 0.0
-    run = (lambda *a: ssd_sequential(*a)) if scan == "sequential" else (lambda *a: ssd_chunked(*a, 4))
+    run = (lambda *a: ssd_ref(*a)) if scan == "sequential" else (lambda *a: ssd_chunked(*a, 4))
     y_pad, s_pad = run(x, dt_pad, A, Bm, Cm, state)
-    y, s = ssd_sequential(x[:, :valid], dt[:, :valid], A, Bm[:, :valid], Cm[:, :valid], state)
+    y, s = ssd_ref(x[:, :valid], dt[:, :valid], A, Bm[:, :valid], Cm[:, :valid], state)
     torch.testing.assert_close(s_pad, s, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(y_pad[:, :valid], y, atol=1e-5, rtol=1e-5)
 
@@ -96,7 +97,7 @@ def test_block_scan_equals_sequential(G, n):
     g = torch.Generator().manual_seed(12)
     Bg, Cg = torch.randn(2, n, G, 6, generator=g), torch.randn(2, n, G, 6, generator=g)
     rep = x.shape[2] // G
-    y_ref, s_ref = ssd_sequential(x, dt, A, Bg.repeat_interleave(rep, 2), Cg.repeat_interleave(rep, 2), state)
+    y_ref, s_ref = ssd_ref(x, dt, A, Bg.repeat_interleave(rep, 2), Cg.repeat_interleave(rep, 2), state)
     y, s = ssd_block(x, dt, A, Bg, Cg, state)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)

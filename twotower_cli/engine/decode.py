@@ -1,10 +1,11 @@
-"""The step functions of the three modes: token choice, confidence, and the threshold commit rule.
+"""The decoding rules: token choice, confidence, the threshold commit rule, and the output cut.
 
 Everything here is per row and vectorised over rows: no quantity mixes rows, so a row's decisions
 do not depend on which other rows share its batch (SPEC.md §5, ours).
 
 Sampling noise is a counter-based hash of (seed, row key, position, step, vocab id), not a stateful
-generator: the same row gets the same noise whatever its batch, its slot, or a resume.
+generator: the same row gets the same noise whatever its batch, its slot, or a resume. Its
+definition (`gumbel`) lives beside the fused kernel that restates it, in twotower_kernels.confidence.
 """
 
 from __future__ import annotations
@@ -14,38 +15,6 @@ from torch import Tensor
 
 import twotower_kernels as kernels
 
-_M32 = 0xFFFFFFFF
-
-
-def _mix32(x: Tensor) -> Tensor:
-    """murmur3's 32-bit finaliser on int64 tensors holding values in [0, 2^32).
-
-    int64 products wrap in two's complement, so masking keeps the exact low 32 bits."""
-    x = x ^ (x >> 16)
-    x = (x * 0x85EBCA6B) & _M32
-    x = x ^ (x >> 13)
-    x = (x * 0xC2B2AE35) & _M32
-    return x ^ (x >> 16)
-
-
-def row_stream(seed: Tensor, key: Tensor, pos: Tensor, step: Tensor) -> Tensor:
-    """A 32-bit stream id per (row, position). seed/key/step (B,), pos (B, S) -> (B, S) int64."""
-    h = _mix32((seed & _M32) ^ 0x9E3779B9)
-    h = _mix32(h ^ (key & _M32))
-    h = _mix32(h ^ ((key >> 32) & _M32))
-    h = _mix32(h ^ (step & _M32))
-    return _mix32(h[:, None] ^ (pos & _M32))
-
-
-def gumbel(seed: Tensor, key: Tensor, pos: Tensor, step: Tensor, vocab: int) -> Tensor:
-    """Gumbel(0, 1) noise (B, S, V) fp32 keyed by (seed, row key, position, step, vocab id)."""
-    dev = pos.device
-    h = row_stream(seed.to(dev), key.to(dev), pos, step.to(dev))  # (B, S)
-    v = torch.arange(vocab, device=dev, dtype=torch.int64) * 0x27D4EB2F & _M32
-    u = _mix32(h[..., None] ^ v)  # (B, S, V)
-    u = (u.double() + 0.5) / 4294967296.0  # strictly inside (0, 1)
-    return (-torch.log(-torch.log(u))).float()
-
 
 def choose(
     logits: Tensor, temperature: Tensor, seed: Tensor, key: Tensor, pos: Tensor, step: Tensor
@@ -53,26 +22,10 @@ def choose(
     """Proposed tokens and their confidence. logits (B, S, V) fp32 (excluded ids already -inf).
 
     pred = argmax(logits) at temperature 0, else argmax(logits / T + Gumbel); conf is the
-    temperature-1 probability of pred. Returns (pred (B, S) int64, conf (B, S) fp32).
+    temperature-1 probability of pred. Returns (pred (B, S) int64, conf (B, S) fp32). The fused
+    kernel runs on CUDA, its torch twin `twotower_kernels.confidence.choose_ref` elsewhere.
     """
-    if kernels.backend(logits.device) == "triton":  # fused kernel (CUDA); choose_ref is its twin
-        return kernels.propose(logits, temperature, seed, key, pos, step)
-    return choose_ref(logits, temperature, seed, key, pos, step)
-
-
-def choose_ref(
-    logits: Tensor, temperature: Tensor, seed: Tensor, key: Tensor, pos: Tensor, step: Tensor
-) -> tuple[Tensor, Tensor]:
-    """`choose` in plain torch (the CPU path, and the spec of the fused kernel)."""
-    greedy = temperature <= 0  # (B,)
-    scores = logits
-    if not bool(greedy.all()):
-        t = torch.where(greedy, torch.ones_like(temperature), temperature).to(logits)[:, None, None]
-        noisy = logits / t + gumbel(seed, key, pos, step, logits.shape[-1])
-        scores = torch.where(greedy[:, None, None].to(logits.device), logits, noisy)
-    pred = scores.argmax(-1)  # (B, S)
-    conf = torch.softmax(logits, dim=-1).gather(-1, pred[..., None])[..., 0]
-    return pred, conf
+    return kernels.propose(logits, temperature, seed, key, pos, step)
 
 
 def commit_mask(conf: Tensor, masked: Tensor, gamma: Tensor, k: Tensor, steps: Tensor) -> Tensor:
@@ -110,3 +63,22 @@ def settled(block: list[int], mask: int, room: int, eos: set[int]) -> int | None
         if j + 1 >= room or tok in eos:
             return j + 1
     return None
+
+
+def finish(out: list[int], max_new: int, eos: set[int]) -> tuple[list[int], str]:
+    """The output as written: cut at `max_new` tokens, then after the first EOS (kept).
+    Returns (tokens, finish_reason "eos" or "length")."""
+    out = out[:max_new]
+    for i, t in enumerate(out):
+        if t in eos:
+            return out[: i + 1], "eos"
+    return out, "length"
+
+
+def ended(out: list[int], max_new: int, eos: set[int], new: int | None = None) -> bool:
+    """Whether a row's output is decided once `out` holds what it decided so far: the token limit
+    is reached, or an EOS is among the last `new` tokens (all of them when None; earlier ones were
+    checked when they came)."""
+    if len(out) >= max_new:
+        return True
+    return any(t in eos for t in (out if new is None else out[len(out) - new:]))

@@ -13,9 +13,10 @@ import math
 import torch
 from torch import Tensor
 
+from twotower_kernels.confidence import gumbel
+
 from ..config import DecodeParams
 from ..model.twotower import TwoTower
-from .decode import gumbel
 
 
 def _pick(logits: Tensor, p: DecodeParams, key: int, positions: list[int], step: int) -> Tensor:

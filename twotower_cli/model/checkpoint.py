@@ -231,8 +231,10 @@ def load_model(
     path: str | os.PathLike,
     device: DeviceLike | tuple[DeviceLike, DeviceLike] | None = None,
     dtype: str | torch.dtype | None = None,
+    cls: type[TwoTower] = TwoTower,
 ) -> TwoTower:
-    """Load a checkpoint directory (SPEC.md §4) as a `TwoTower`.
+    """Load a checkpoint directory (SPEC.md §4) as a `cls` (a `TwoTower`; the engine layer passes its
+    generation subclass).
 
     device: one device for everything (default "cpu"), or a pair (context device, denoiser device)
     so that each tower is read straight onto its own GPU. "meta" checks the checkpoint's keys and
@@ -244,7 +246,7 @@ def load_model(
     entries, ar_only = _scan_headers(root)
     try:
         with torch.device("meta"):
-            model = TwoTower(cfg, ar_only=ar_only, init=False)
+            model = cls(cfg, ar_only=ar_only, init=False)
     except (ValueError, TypeError, RuntimeError, ArithmeticError) as e:
         raise CheckpointError(f"config.json in {root} describes no buildable model: {_one_line(e)}") from None
     _check_keys(model, entries, root)

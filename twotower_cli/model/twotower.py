@@ -26,6 +26,7 @@ tower's layer-i conv window and SSM state. Timestep conditioning is adaLN-single
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import twotower_kernels as kernels
+from twotower_kernels.ssd import ssd_ref
 
 from ..config import ModelConfig
 
@@ -189,22 +191,9 @@ class MoE(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# Mamba-2 scans (fp32). Both accept a seeded initial state and return (y, final_state).
+# Mamba-2 scans (fp32). Each accepts a seeded initial state and returns (y, final_state); their
+# twin is the token-by-token recurrence `twotower_kernels.ssd.ssd_ref`.
 # ------------------------------------------------------------------------------------------------
-
-
-def ssd_sequential(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-    """The recurrence token by token: state = exp(dt*A)*state + dt*outer(x, B); y = state·C.
-
-    x (B, n, nh, P), dt (B, n, nh), A (nh,), Bm/Cm (B, n, nh, N) already expanded to heads,
-    state (B, nh, P, N). Returns y (B, n, nh, P) without the D skip term.
-    """
-    ys = []
-    for i in range(x.shape[1]):
-        decay = torch.exp(dt[:, i] * A)  # (B, nh)
-        state = state * decay[:, :, None, None] + (dt[:, i, :, None] * x[:, i])[..., None] * Bm[:, i, :, None, :]
-        ys.append(torch.einsum("bhpn,bhn->bhp", state, Cm[:, i]))
-    return torch.stack(ys, 1), state
 
 
 def ssd_chunked(
@@ -212,7 +201,7 @@ def ssd_chunked(
 ) -> tuple[Tensor, Tensor]:
     """The same recurrence in the chunked (SSD) form: quadratic inside a chunk, recurrent across.
 
-    Shapes as in `ssd_sequential`. Padding to a multiple of `chunk` uses dt = 0 (identity steps).
+    Shapes as in `ssd_ref`. Padding to a multiple of `chunk` uses dt = 0 (identity steps).
     """
     Bsz, n, nh, P = x.shape
     pad = (-n) % chunk
@@ -250,7 +239,7 @@ def ssd_block(x: Tensor, dt: Tensor, A: Tensor, Bg: Tensor, Cg: Tensor, state: T
     Why: a denoiser step or a block commit scans S = 16 tokens. `ssd_chunked` pays for the general
     multi-chunk form (padding, per-chunk states, a loop, four einsums over heads); one chunk needs
     none of it, and B/C stay per group (`Bg`/`Cg` (B, n, G, N), not expanded to heads), so C·Bᵀ is
-    computed once per group. Other shapes as in `ssd_sequential`, which is its twin in the tests.
+    computed once per group. Other shapes as in `ssd_ref`, which is its twin in the tests.
     """
     Bsz, n, nh, P = x.shape
     G = Bg.shape[2]
@@ -351,7 +340,7 @@ class Mamba2(nn.Module):
             if triton:
                 y, new_ssm = kernels.block_scan(x, dt, A, Bm, Cm, ssm_state.float())  # short seeded block
             elif scan == "sequential" or short:
-                y, new_ssm = ssd_sequential(x, dt, A, Bm, Cm, ssm_state.float())
+                y, new_ssm = ssd_ref(x, dt, A, Bm, Cm, ssm_state.float())
             else:
                 y, new_ssm = ssd_chunked(x, dt, A, Bm, Cm, ssm_state.float(), min(cfg.chunk_size, max(n, 1)))
         y = y + x * self.D.float()[:, None]
@@ -664,6 +653,20 @@ class TwoTower(nn.Module):
         hl = h[torch.arange(h.shape[0], device=dev), last]  # (B, H)
         return self.context_lm_head(hl).float()
 
+    def prefill(self, prompts: Sequence[Sequence[int]], logits: bool = False,
+                scan: str = "chunked") -> tuple[TowerState, Tensor | None]:
+        """The context tower reads ragged prompts (right-padded into one forward) into a new state.
+        A prompt may be empty (nothing read). With logits=True also returns the context head's
+        logits (B, V) at each row's last token."""
+        lens = [len(p) for p in prompts]
+        ids = torch.zeros(len(prompts), max(max(lens, default=0), 1), dtype=torch.long)  # (B, n)
+        for b, p in enumerate(prompts):
+            ids[b, : lens[b]] = torch.tensor(list(p), dtype=torch.long)
+        dev = self.context_lm_head.weight.device
+        state = self.new_state(len(prompts))
+        out = self.context_extend(ids.to(dev), state, n_valid=torch.tensor(lens, device=dev), logits=logits, scan=scan)
+        return state, out
+
     def context_logits(self, ids: Tensor) -> Tensor:
         """Full causal forward from an empty state: logits (B, n, V). For tests and training."""
         st = self.new_state(ids.shape[0], device=ids.device)
@@ -685,33 +688,6 @@ class TwoTower(nn.Module):
         dev = self.denoiser_tower.embeddings.weight.device
         mod = self.modulation(t.to(dev)) if t is not None else None
         return self.lm_head(self.denoiser_tower.denoise(ids.to(dev), state, mod, scan)).float()
-
-    # -- the release's generation API (served by the streamlined engine) -----------------------
-    def generate_mask_diffusion(self, input_ids, max_new_tokens: int = 128, block_size: int = 16,
-                                steps_per_block: int = 16, mask_token_id: int = 3, temperature: float = 0.0,
-                                confidence_threshold: float = 0.8, eos_token_id=None, **kw):
-        """Block-wise mask diffusion (SPEC.md §5). Returns prompt + generated ids per row."""
-        from ..engine.api import generate
-
-        return generate(self, input_ids, "diffusion", max_new_tokens=max_new_tokens, block_size=block_size,
-                        steps_per_block=steps_per_block, mask_token_id=mask_token_id, temperature=temperature,
-                        confidence_threshold=confidence_threshold, eos_token_id=eos_token_id, **kw)
-
-    def generate_mock_ar(self, input_ids, max_new_tokens: int = 128, temperature: float = 0.0,
-                         eos_token_id=None, **kw):
-        """One token per step through the denoiser, without time conditioning."""
-        from ..engine.api import generate
-
-        return generate(self, input_ids, "mock-ar", max_new_tokens=max_new_tokens, temperature=temperature,
-                        eos_token_id=eos_token_id, **kw)
-
-    def generate_ar(self, input_ids, max_new_tokens: int = 128, temperature: float = 0.0,
-                    eos_token_id=None, **kw):
-        """The context tower alone, token by token."""
-        from ..engine.api import generate
-
-        return generate(self, input_ids, "ar", max_new_tokens=max_new_tokens, temperature=temperature,
-                        eos_token_id=eos_token_id, **kw)
 
     # -- dtype ----------------------------------------------------------------------------------
     FP32_PARAMS = ("A_log", "D", "dt_bias", "e_score_correction_bias", "gate.weight")

@@ -1,0 +1,95 @@
+"""One row's decoding state inside the engine: a phase, the tokens so far, the block in progress.
+
+    prefill ──> DENOISE ──(block complete / token chosen)──> COMMIT ──(context read it)──> DENOISE ...
+                   └──────────────(output decided: EOS or the token limit)──────────────> DONE
+
+AR rows never denoise: their token comes from the context tower's logits, so they go COMMIT ->
+COMMIT until DONE. The transitions live here, in plain Python; the tensors live in the runner.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from ..config import DecodeParams
+from .decode import ended, finish, settled
+from .request import Request, Result, Stats
+
+
+class Phase(enum.Enum):
+    DENOISE = "denoise"  # the denoiser runs next: a diffusion block in progress, or mock-AR's next token
+    COMMIT = "commit"  # the context tower must first read what the row committed
+    DONE = "done"  # the output is decided; the row leaves at the next retire
+
+
+@dataclass(eq=False)
+class Row:
+    req: Request
+    slot: int
+    started: float
+    phase: Phase = Phase.DENOISE
+    out: list[int] = field(default_factory=list)  # every token decided so far (before the final cut)
+    xt: Tensor | None = None  # diffusion: the block being denoised (S,)
+    k: int = 0  # diffusion: the step within the block
+    last: int = -1  # mock-AR: the committed token the context tower has not read yet
+    nfe: int = 0  # denoiser forwards
+    ctx: int = 1  # context-tower forwards (the prefill is the first)
+    blocks: int = 0
+
+    @property
+    def p(self) -> DecodeParams:
+        return self.req.params
+
+    @property
+    def commit_width(self) -> int:
+        """Tokens the context tower reads at this row's next commit."""
+        return self.p.block_size if self.p.mode == "diffusion" else 1
+
+    def commit_ids(self) -> list[int]:
+        """What the context tower reads now. Mock-AR: the token the denoiser read last step (the
+        denoiser reads each token at its own position before the context tower does)."""
+        if self.p.mode == "diffusion":
+            return self.out[-self.p.block_size:]
+        if self.p.mode == "mock-ar":
+            ids, self.last = [self.last], self.out[-1]
+            return ids
+        return [self.out[-1]]
+
+    def committed(self) -> None:
+        """The context tower has read this row's commit."""
+        self.ctx += 1
+        self.phase = Phase.DENOISE if self.p.mode != "ar" else Phase.COMMIT
+
+    def take(self, token: int, eos: set[int]) -> None:
+        """AR / mock-AR: the chosen next token."""
+        self.out.append(token)
+        self.phase = Phase.DONE if ended(self.out, self.p.max_new_tokens, eos, new=1) else Phase.COMMIT
+
+    def denoised(self, block: Tensor, complete: bool, mask: int, eos: set[int]) -> None:
+        """Diffusion: the block after one denoiser step (S,) on the CPU; `complete`: no mask left."""
+        self.xt, self.k, self.nfe = block, self.k + 1, self.nfe + 1
+        if complete:
+            self.out.extend(block.tolist())
+            self.blocks += 1
+            self.xt, self.k = block.new_full(block.shape, mask), 0
+            self.phase = Phase.DONE if ended(self.out, self.p.max_new_tokens, eos, new=len(block)) else Phase.COMMIT
+        elif end := settled(block.tolist(), mask, self.p.max_new_tokens - len(self.out), eos):
+            self.out.extend(block[:end].tolist())  # the output is decided: the rest would be cut
+            self.blocks += 1
+            self.phase = Phase.DONE
+
+    def result(self, eos: set[int]) -> Result:
+        p = self.p
+        tokens, reason = finish(self.out, p.max_new_tokens, eos)
+        stats = Stats(
+            mode=p.mode, gamma=p.gamma, block_size=p.block_size, steps_per_block=p.steps_per_block,
+            temperature=p.temperature, seed=p.seed, prompt_tokens=len(self.req.prompt_ids),
+            completion_tokens=len(tokens), decoded_tokens=len(self.out), denoiser_steps=self.nfe,
+            context_forwards=self.ctx, blocks=self.blocks, finish_reason=reason,
+            latency_s=time.perf_counter() - self.started,
+        )
+        return Result(id=self.req.id, tokens=tokens, stats=stats, meta=self.req.meta)

@@ -1,0 +1,176 @@
+"""Tensors and forwards: the slot pool, batched prefill, context commits, denoiser steps, overlap.
+
+The runner does what the scheduler decided, one batched forward per group of rows, and hands each
+row's new tokens to the row's own transition (engine.row). Everything it computes is per row
+(engine.decode), so a row's tokens do not depend on which other rows share a forward.
+
+Overlap (two devices): the commit of the rows that completed a block runs on the context tower's
+device in a worker thread while the denoiser steps every other row on its own device; a committing
+row sits out that one denoiser step. Without overlap the commit runs first and every row denoises
+after it. Either way each row sees the same sequence of forwards, so its tokens are the same.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor
+
+from ..model.twotower import TwoTower
+from .cache import SlotPool
+from .decode import choose, commit_mask
+from .request import Request
+from .row import Row
+
+
+class Runner:
+    """Owns the model's forwards for one `Engine.run`: the slot pool, the worker thread, counters."""
+
+    def __init__(self, model: TwoTower, *, rows: int, capacity: int, eos: set[int], scan: str,
+                 overlap: bool | None, mirror: bool | None, counters: dict[str, int]):
+        self.model = model
+        self.eos = eos
+        self.scan = scan
+        self.device = model.context_lm_head.weight.device
+        self.den_device = self.device if model.ar_only else model.lm_head.weight.device
+        self.overlap = (self.den_device != self.device) if overlap is None else overlap
+        self.pool = SlotPool(model, rows, capacity, self.den_device, mirror)
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="context-tower") if self.overlap else None
+        self.counters = counters
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown(wait=True)
+
+    def free(self) -> int:
+        return self.pool.free()
+
+    # -- prefill ----------------------------------------------------------------------------------
+    def prefill(self, reqs: list[Request]) -> list[Row]:
+        """One batched (ragged) prefill for the new rows, placed into free slots. AR rows take their
+        first token from the prefill's logits; mock-AR rows keep their last prompt token back (the
+        denoiser reads it first)."""
+        now = time.perf_counter()
+        prompts = [r.prompt_ids[:-1] if r.params.mode == "mock-ar" else r.prompt_ids for r in reqs]
+        want = any(r.params.mode == "ar" for r in reqs)
+        c = self.counters
+        c["prefill_calls"] += 1
+        c["prefill_tokens"] += sum(len(p) for p in prompts)
+        c["prefill_padded_tokens"] += max(max(len(p) for p in prompts), 1) * len(prompts)
+        state, logits = self.model.prefill(prompts, logits=want, scan=self.scan)
+        slots = self.pool.admit(state)
+        rows = [Row(req=r, slot=s, started=now) for r, s in zip(reqs, slots)]
+        for row in rows:
+            if row.p.mode == "diffusion":
+                row.xt = torch.full((row.p.block_size,), row.p.mask_token_id, dtype=torch.long)
+            elif row.p.mode == "mock-ar":
+                row.last = row.req.prompt_ids[-1]
+        ar = [b for b, r in enumerate(rows) if r.p.mode == "ar"]
+        if ar:
+            self._take_next([rows[b] for b in ar], logits[ar])
+        return rows
+
+    # -- one step: commit and denoise ---------------------------------------------------------------
+    def reserve(self, rows: list[Row]) -> None:
+        """Grow the cache for the coming commits, in one thread, before any forward holds views."""
+        if rows:
+            self.pool.reserve(max(int(self.pool.state.lengths[r.slot]) + r.commit_width for r in rows))
+
+    def commit(self, groups: dict[int, list[Row]]) -> None:
+        """The context tower reads what each row committed: one forward per token count."""
+        for n, g in groups.items():
+            self._commit(g, n)
+        self.counters["context_calls"] += len(groups)
+
+    def commit_while_denoising(self, commits: dict[int, list[Row]], denoise: dict[tuple, list[Row]]) -> None:
+        """Overlap: the commits run on the worker thread while the denoiser steps `denoise`."""
+        job = self.worker.submit(self.commit, commits)
+        try:
+            self.denoise(denoise)
+        finally:
+            job.result()
+
+    def denoise(self, groups: dict[tuple, list[Row]]) -> None:
+        for key, g in groups.items():
+            if key[0] == "diffusion":
+                self._denoise_block(g, key[2])
+            else:
+                self._denoise_next(g)
+
+    # -- forwards ---------------------------------------------------------------------------------
+    def _commit(self, g: list[Row], n: int) -> None:
+        slots = [r.slot for r in g]
+        ids = [r.commit_ids() for r in g]
+        state = self.pool.view(slots)
+        old = state.lengths.clone()
+        ar = [i for i, r in enumerate(g) if r.p.mode == "ar"]
+        logits = self.model.context_extend(torch.tensor(ids, device=self.device), state, logits=bool(ar),
+                                           scan=self.scan)
+        self.pool.write_back(slots, state, old, n)
+        for r in g:
+            r.committed()
+        if ar:
+            self._take_next([g[i] for i in ar], logits[ar])
+
+    def _denoise_block(self, g: list[Row], mask: int) -> None:
+        """One denoiser step for rows mid-block, then the threshold commit rule per row."""
+        dev = self.den_device
+        state = self.pool.den_view([r.slot for r in g])
+        xt = torch.stack([r.xt for r in g]).to(dev)  # (B, S)
+        S = xt.shape[1]
+        masked = xt == mask
+        t = masked.float().mean(1)  # (B,) per row
+        logits = self.model.denoise(xt, state, t, scan=self.scan)  # (B, S, V)
+        self.counters["denoiser_calls"] += 1
+        logits[..., mask] = -float("inf")  # the mask id is never proposed
+        k = torch.tensor([r.k for r in g], device=dev)
+        T = torch.tensor([r.p.steps_per_block for r in g], device=dev)
+        gamma = torch.tensor([r.p.gamma for r in g], dtype=torch.float32, device=dev)
+        pred, conf = choose(logits, *_row_tensors(g, dev), _positions(g, S, dev), k)
+        xt = torch.where(commit_mask(conf, masked, gamma, k, T), pred, xt)
+        complete = ~(xt == mask).any(1)
+        for r, x, c in zip(g, xt.cpu(), complete.tolist()):
+            r.denoised(x, c, mask, self.eos)
+
+    def _denoise_next(self, g: list[Row]) -> None:
+        """Mock-AR: the denoiser reads each row's last token over the context of the rest."""
+        state = self.pool.den_view([r.slot for r in g])
+        last = torch.tensor([[r.last] for r in g], device=self.den_device)
+        logits = self.model.denoise(last, state, None, scan=self.scan)[:, 0]  # (B, V)
+        self.counters["denoiser_calls"] += 1
+        for r in g:
+            r.nfe += 1
+        self._take_next(g, logits)
+
+    def _take_next(self, rows: list[Row], logits: Tensor) -> None:
+        """AR / mock-AR: each row's next token from logits (B, V)."""
+        dev = logits.device
+        step = torch.zeros(len(rows), dtype=torch.long, device=dev)
+        pred, _ = choose(logits[:, None, :], *_row_tensors(rows, dev), _positions(rows, 1, dev), step)
+        for row, tok in zip(rows, pred[:, 0].tolist()):
+            row.take(tok, self.eos)
+
+    # -- retire -----------------------------------------------------------------------------------
+    def release(self, done: list[Row], live: list[Row]) -> list[Row]:
+        """Free the slots of `done`; returns `live` renumbered (the pool stays dense) in slot order."""
+        moved = self.pool.release([r.slot for r in done])
+        for r in live:
+            r.slot = moved.get(r.slot, r.slot)
+        return sorted(live, key=lambda r: r.slot)
+
+
+def _row_tensors(rows: list[Row], dev: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row sampling inputs: temperature, seed and row key."""
+    temp = torch.tensor([r.p.temperature for r in rows], dtype=torch.float32, device=dev)
+    seed = torch.tensor([r.p.seed for r in rows], dtype=torch.long, device=dev)
+    key = torch.tensor([r.req.key for r in rows], dtype=torch.long, device=dev)
+    return temp, seed, key
+
+
+def _positions(rows: list[Row], width: int, dev: torch.device) -> Tensor:
+    """Absolute output positions (B, width) of the tokens being chosen (they key the noise)."""
+    base = torch.tensor([len(r.out) for r in rows], dtype=torch.long, device=dev)
+    return base[:, None] + torch.arange(width, device=dev)
+
