@@ -12,8 +12,8 @@ from twotower_cli.config import DecodeParams, ModelConfig
 from twotower_cli.engine import Engine, Request
 from twotower_cli.engine import reference as ref
 from twotower_cli.engine.decode import choose, commit_mask
-from twotower_cli.engine.request import row_key
 from twotower_cli.engine.generation import TwoTowerForGeneration as TwoTower
+from twotower_cli.engine.request import row_key
 
 REF = {"ar": ref.generate_ar, "mock-ar": ref.generate_mock_ar, "diffusion": ref.generate_mask_diffusion}
 EOS = {2}

@@ -23,9 +23,11 @@ from model_helpers import random_model, tiny_cfg  # noqa: E402
 
 import twotower_kernels as kernels  # noqa: E402
 from twotower_cli.engine.decode import choose  # noqa: E402
-from twotower_kernels.confidence import gumbel  # noqa: E402
 from twotower_cli.model.twotower import ssd_chunked  # noqa: E402
-from twotower_kernels.confidence import confidence_ref  # noqa: E402
+from twotower_kernels.confidence import (
+    confidence_ref,  # noqa: E402
+    gumbel,  # noqa: E402
+)
 from twotower_kernels.ssd import ssd_ref  # noqa: E402
 
 gpu = pytest.mark.gpu
