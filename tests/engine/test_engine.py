@@ -158,6 +158,24 @@ def test_commit_rule_matches_plain_loop():
         assert [j for j in range(S) if take[j]] == sorted(chosen)
 
 
+def test_commit_count_threshold_rule():
+    """How many positions a step commits: at least one, all over γ, at least ceil(n / (T - k)),
+    everything at the last step (rows: n masked of 16, `over` of them over γ)."""
+    n, over = [16, 16, 5, 3], [0, 9, 0, 3]
+    masked = torch.tensor([[j < m for j in range(16)] for m in n])
+    conf = torch.tensor([[0.95 if j < o else 0.1 for j in range(16)] for o in over])
+
+    def counts(k):
+        B = len(n)
+        take = commit_mask(conf, masked, torch.full((B,), 0.9), torch.full((B,), k), torch.full((B,), 16))
+        assert not (take & ~masked).any()
+        return take.sum(1).tolist()
+
+    assert counts(0) == [1, 9, 1, 3]
+    assert counts(14) == [8, 9, 3, 3]  # ceil(n / 2)
+    assert counts(15) == [16, 16, 5, 3]  # the rest
+
+
 def test_mask_id_never_proposed():
     logits = torch.zeros(2, 3, 10)
     logits[..., 3] = -float("inf")

@@ -7,12 +7,13 @@ import random
 import pytest
 import torch
 
-from twotower_cli.config import ModelConfig
+from twotower_cli.config import DecodeParams, ModelConfig
+from twotower_cli.engine import Engine, Request
 from twotower_cli.model.checkpoint import default_checkpoint, load_model, save_pretrained
 from twotower_cli.model.twotower import TwoTower
 from twotower_cli.training import tasks as T
 from twotower_cli.training import train as TR
-from twotower_cli.training.evaluate import commit_count, evaluate, generate_ar, generate_diffusion
+from twotower_cli.training.evaluate import evaluate
 from twotower_cli.training.tokenizer_build import (
     BOS_ID,
     CHAT_TEMPLATE,
@@ -95,17 +96,6 @@ def test_chat_template_renders_the_task_prompt(hf_tokenizer):
     assert hf_tokenizer.chat_template == CHAT_TEMPLATE
 
 
-# ---- decoding rule -----------------------------------------------------------------------------
-
-
-def test_commit_count_threshold_rule():
-    n = torch.tensor([16, 16, 5, 3])
-    confident = torch.tensor([0, 9, 0, 3])
-    assert commit_count(n, confident, k=0, steps=16).tolist() == [1, 9, 1, 3]
-    assert commit_count(n, confident, k=14, steps=16).tolist() == [8, 9, 3, 3]  # ceil(n / 2)
-    assert commit_count(n, confident, k=15, steps=16).tolist() == [16, 16, 5, 3]  # the rest
-
-
 # ---- training ------------------------------------------------------------------------------------
 
 
@@ -144,10 +134,14 @@ def test_training_smoke_and_checkpoint_round_trip(tmp_path):
     save_pretrained(model, tmp_path)
     loaded = load_model(tmp_path)
     prompts = [[BOS_ID, 10, 11, 12, 20], [BOS_ID, 13, 20]]
-    assert generate_ar(loaded, prompts, 5) == generate_ar(model, prompts, 5)
-    assert generate_diffusion(loaded, prompts, 8, block_size=4, steps=4) == generate_diffusion(
-        model, prompts, 8, block_size=4, steps=4
-    )
+    for mode in ("ar", "diffusion"):
+        p = DecodeParams(mode=mode, max_new_tokens=8, block_size=4, steps_per_block=4)
+        assert decode_all(loaded, prompts, p) == decode_all(model, prompts, p)
+
+
+def decode_all(model, prompts, params):
+    results = {r.id: r.tokens for r in Engine(model).run(Request(str(i), p, params) for i, p in enumerate(prompts))}
+    return [results[str(i)] for i in range(len(prompts))]
 
 
 # ---- the shipped model ---------------------------------------------------------------------------
@@ -176,21 +170,28 @@ def test_shipped_tiny_model_meets_the_ar_bar():
 
 
 @pytest.mark.skipif(default_checkpoint() is None, reason="no embedded checkpoint in assets/tiny")
-def test_training_evaluator_agrees_with_the_engine():
-    """The evaluator used while training is an independent §5 implementation: on the shipped model
-    it gives the engine's tokens and denoiser steps, early exit at EOS included."""
-    from twotower_cli.config import DecodeParams
-    from twotower_cli.engine import Engine, Request
+def test_training_evaluator_scores_the_reference_decoding():
+    """The evaluator's figures on the shipped model equal those computed by hand from the
+    executable spec (engine/reference.py, one row at a time, early exit at EOS): its accuracy rule
+    (text equals the answer and the row ended with EOS) and tokens per denoiser step."""
+    from twotower_cli.engine import reference as ref
+    from twotower_cli.engine.request import row_key
     from twotower_cli.model.tokenizer import load_tokenizer
 
     path = default_checkpoint()
     model = load_model(path).eval()
     tok = load_tokenizer(path)
-    prompts = [tok(p)["input_ids"] for _, p, _ in T.eval_set(2, seed=3)]
+    examples = T.eval_set(2, seed=3)
+    eos = set(model.config.eos_ids)
     for gamma in (0.5, 0.8):
-        outs, nfes = generate_diffusion(model, prompts, 48, gamma=gamma)
-        params = DecodeParams(mode="diffusion", gamma=gamma, max_new_tokens=48)
-        res = {r.id: r for r in Engine(model, max_batch_rows=4).run(
-            Request(str(i), p, params) for i, p in enumerate(prompts))}
-        assert [res[str(i)].tokens for i in range(len(prompts))] == outs
-        assert [res[str(i)].stats.denoiser_steps for i in range(len(prompts))] == nfes
+        res = evaluate(model, lambda s: tok(s)["input_ids"], tok.decode, examples, mode="diffusion", gamma=gamma,
+                       batch_size=4)
+        p = DecodeParams(mode="diffusion", gamma=gamma, max_new_tokens=48)
+        right = tokens = nfe = 0
+        for i, (_, prompt, answer) in enumerate(examples):
+            out, _, steps = ref.generate_mask_diffusion(model, [tok(prompt)["input_ids"]], [p], [row_key(str(i))],
+                                                        eos, early_exit=True)[0]
+            right += out[-1:] == [EOS_ID] and tok.decode(out[:-1]) == answer
+            tokens, nfe = tokens + len(out), nfe + steps
+        assert res["accuracy"] == right / len(examples)
+        assert res["nfe"] == nfe and res["tokens_per_step"] == tokens / nfe

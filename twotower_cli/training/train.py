@@ -195,12 +195,7 @@ def ar_loss(model: TwoTower, b: Encoded, budget: int = 2048) -> Tensor:
 def context_state(model: TwoTower, prefixes: list[list[int]], budget: int = 4096) -> TowerState:
     """The frozen context tower's state after each row's clean prefix (rows in the given order)."""
     groups = length_groups([len(x) for x in prefixes], budget)
-    states = []
-    for group in groups:
-        rows = [prefixes[i] for i in group]
-        st = model.new_state(len(rows))
-        model.context_extend(pad(rows), st, n_valid=torch.tensor([len(x) for x in rows]))
-        states.append(st)
+    states = [model.prefill([prefixes[i] for i in group])[0] for group in groups]
     order = [i for group in groups for i in group]
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
