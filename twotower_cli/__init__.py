@@ -1,20 +1,43 @@
-"""twotower_cli: batch synthetic-data generation with TwoTower block-diffusion language models."""
+"""twotower_cli: batch synthetic-data generation with TwoTower block-diffusion language models.
 
+The public names load lazily (PEP 562): `import twotower_cli` and `twotower --help` stay free of
+torch; the model modules are imported on first use of a name that lives in them.
+"""
+
+from __future__ import annotations
+
+import importlib
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
-
-from .config import ConfigError, DecodeParams, ModelConfig
-from .model.checkpoint import CheckpointError, load_model, place_towers_on_devices, save_pretrained
-from .model.tokenizer import load_tokenizer
-from .model.twotower import TowerState, TwoTower
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 try:
     __version__ = _version("twotower-cli")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-# `model.save_pretrained(dir)` reads like transformers; the implementation lives in checkpoint.py.
-TwoTower.save_pretrained = save_pretrained
+# The generation API (load_model, TwoTowerForGeneration) lives in engine.generation once that
+# module exists; until then load_model comes from model.checkpoint.
+# (Asked of the file system: finding the module through importlib would import engine/, and torch.)
+_ENGINE = Path(__file__).parent / "engine"
+_HAS_GENERATION = (_ENGINE / "generation.py").is_file() or (_ENGINE / "generation" / "__init__.py").is_file()
+
+# public name -> module it lives in
+_LAZY: dict[str, str] = {
+    "ConfigError": ".config",
+    "DecodeParams": ".config",
+    "ModelConfig": ".config",
+    "CheckpointError": ".model.checkpoint",
+    "place_towers_on_devices": ".model.checkpoint",
+    "save_pretrained": ".model.checkpoint",
+    "load_tokenizer": ".model.tokenizer",
+    "TowerState": ".model.twotower",
+    "TwoTower": ".model.twotower",
+    "load_model": ".engine.generation" if _HAS_GENERATION else ".model.checkpoint",
+}
+if _HAS_GENERATION:
+    _LAZY["TwoTowerForGeneration"] = ".engine.generation"
 
 __all__ = [
     "CheckpointError",
@@ -29,3 +52,25 @@ __all__ = [
     "place_towers_on_devices",
     "save_pretrained",
 ]
+if _HAS_GENERATION:
+    __all__ += ["TwoTowerForGeneration"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs only; never executed
+    from .config import ConfigError, DecodeParams, ModelConfig
+    from .model.checkpoint import CheckpointError, load_model, place_towers_on_devices, save_pretrained
+    from .model.tokenizer import load_tokenizer
+    from .model.twotower import TowerState, TwoTower

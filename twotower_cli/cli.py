@@ -1,7 +1,8 @@
-"""The `twotower` command line: declares options, calls `commands.<name>.run`. Nothing else here.
+"""The `twotower` command line: declares commands, builds typed options, calls `commands.<name>`.
 
-Data goes to stdout, progress and logs to stderr. Exit codes: 0 ok, 2 bad arguments or inputs
-(one line on stderr), 1 unexpected failure.
+Options are declared once in `options.py`. Data goes to stdout, progress and logs to stderr. Exit
+codes: 0 ok, 2 bad arguments or inputs (one line on stderr), 1 unexpected failure. Nothing here
+imports torch: `twotower --help` stays fast, and command modules import it when they run.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from typing import Annotated
 
 import typer
 
+from . import options as o
 from .commands import user_errors
+from .config import DecodeParams
 
 app = typer.Typer(
     name="twotower",
+    cls=o.HelpGroup,
     help="Batch synthetic-data generation with TwoTower block-diffusion language models.",
     no_args_is_help=True,
     add_completion=False,
@@ -37,19 +41,17 @@ def _root(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    """Keeps `twotower` a command group even while it has a single command."""
+    """Batch synthetic-data generation with TwoTower block-diffusion language models."""
 
 
-@app.command()
+@app.command(cls=o.HelpCommand)
 def info(
-    path: Annotated[
-        Path | None,
-        typer.Argument(help="Checkpoint directory (default: the embedded tiny model).", show_default=False),
-    ] = None,
-    preset: Annotated[
-        str | None,
-        typer.Option(help="Describe a preset config instead (e.g. nemotron-3-nano-30b-a3b); no weights."),
-    ] = None,
+    path: Annotated[Path | None, typer.Argument(
+        metavar="DIR", show_default=False,
+        help="Checkpoint directory (default: the embedded tiny model).")] = None,
+    preset: Annotated[str | None, typer.Option(
+        metavar="NAME", show_default=False,
+        help="Describe a preset config instead, e.g. nemotron-3-nano-30b-a3b (no weights needed).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Layer pattern, parameter counts per tower and in total, active parameters per token."""
@@ -59,56 +61,40 @@ def info(
         cmd.run(path, preset, as_json)
 
 
-@app.command(no_args_is_help=True)
+@app.command(cls=o.HelpCommand, no_args_is_help=True)
 def gen(
-    source: Annotated[str, typer.Argument(help="Prompts: a JSONL or Parquet file, or - for stdin.")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="Output directory (Parquet shards; resumable).")],
-    model: Annotated[Path | None, typer.Option(help="Checkpoint directory (default: the embedded tiny model).",
-                                               show_default=False)] = None,
-    mode: Annotated[str, typer.Option(help="diffusion | mock-ar | ar")] = "diffusion",
-    gamma: Annotated[float, typer.Option(help="Confidence threshold γ in [0, 1]: lower commits more tokens "
-                                              "per step (faster, lower quality).")] = 0.8,
-    block: Annotated[int, typer.Option(help="Block size S (tokens denoised together).")] = 16,
-    steps: Annotated[int, typer.Option(help="Denoiser steps per block T (at most).")] = 16,
-    temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples (per-row noise keyed by seed).")] = 0.0,
-    max_new_tokens: Annotated[int, typer.Option(help="Most tokens generated per row.")] = 128,
-    seed: Annotated[int, typer.Option(help="Sampling seed (rows may override).")] = 0,
-    mask_token_id: Annotated[int, typer.Option(help="The mask token id of the checkpoint.")] = 3,
-    device: Annotated[str | None, typer.Option(help="Device for both towers (cpu, cuda, cuda:1).")] = None,
-    ctx_device: Annotated[str | None, typer.Option(help="Device of the context tower.")] = None,
-    den_device: Annotated[str | None, typer.Option(help="Device of the denoiser tower.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="Weight dtype (default: float32 on CPU, the "
-                                                   "checkpoint's on CUDA).")] = None,
-    max_batch_rows: Annotated[int, typer.Option(min=1, help="Rows decoded together.")] = 32,
-    max_batch_tokens: Annotated[int, typer.Option(min=1, help="Padded prompt tokens per batched prefill.")] = 16384,
-    rows_per_shard: Annotated[int, typer.Option(min=1, help="Rows per Parquet shard.")] = 10_000,
-    prompt_field: Annotated[str, typer.Option(help="Prompt column of a Parquet input.")] = "prompt",
-    id_field: Annotated[str, typer.Option(help="Id column of a Parquet input.")] = "id",
-    limit: Annotated[int | None, typer.Option(min=0, help="Read at most this many input rows.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Start over in an output directory written with "
-                                                 "other settings (deletes its shards).")] = False,
-    fail_on_error: Annotated[bool, typer.Option(help="Exit 4 when any row was rejected.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
-    num_shards: Annotated[int | None, typer.Option(
-        help="Job arrays: split the input into N disjoint shards by id hash; every task writes the same "
-             "-o directory (with --shard-index).", rich_help_panel="Scale-out")] = None,
-    shard_index: Annotated[int | None, typer.Option(
-        help="The shard this task writes, 0..N-1 (e.g. $SLURM_ARRAY_TASK_ID).", rich_help_panel="Scale-out")] = None,
-    ray: Annotated[bool, typer.Option(
-        "--ray", help="Run the engine on Ray actors (Ray Data; needs the `ray` extra).",
-        rich_help_panel="Scale-out")] = False,
-    ray_address: Annotated[str | None, typer.Option(
-        help="Ray cluster to join (implies --ray): auto, HOST:PORT or ray://HOST:10001. Default: $RAY_ADDRESS, "
-             "else a local Ray instance.", rich_help_panel="Scale-out")] = None,
-    ray_actors: Annotated[int | None, typer.Option(
-        min=1, help="Ray actors (model replicas). Default: autoscale to the cluster.",
-        rich_help_panel="Scale-out", show_default=False)] = None,
-    ray_cpus: Annotated[float, typer.Option(
-        min=0.0, help="CPUs reserved per Ray actor; also its torch threads (at least 1).",
-        rich_help_panel="Scale-out")] = 1.0,
-    ray_batch_rows: Annotated[int | None, typer.Option(
-        min=1, help="Rows per Ray actor call. Default: 4 x --max-batch-rows.", rich_help_panel="Scale-out",
-        show_default=False)] = None,
+    source: o.Source,
+    out: o.Out,
+    model: o.Model = None,
+    mode: o.Mode = "diffusion",
+    gamma: o.Gamma = 0.8,
+    block_size: o.BlockSize = 16,
+    steps_per_block: o.StepsPerBlock = 16,
+    temperature: o.Temperature = 0.0,
+    max_new_tokens: o.MaxNewTokens = 128,
+    seed: o.Seed = 0,
+    mask_token_id: o.MaskTokenId = 3,
+    device: o.Device = None,
+    ctx_device: o.CtxDevice = None,
+    den_device: o.DenDevice = None,
+    dtype: o.Dtype = None,
+    threads: o.Threads = None,
+    max_batch_rows: o.MaxBatchRows = 32,
+    max_batch_tokens: o.MaxBatchTokens = 16384,
+    rows_per_shard: o.RowsPerShard = 10_000,
+    prompt_field: o.PromptField = "prompt",
+    id_field: o.IdField = "id",
+    limit: o.Limit = None,
+    overwrite: o.Overwrite = False,
+    fail_on_error: o.FailOnError = False,
+    quiet: o.Quiet = False,
+    num_shards: o.NumShards = None,
+    shard_index: o.ShardIndex = None,
+    ray: o.Ray = False,
+    ray_address: o.RayAddress = None,
+    ray_actors: o.RayActors = None,
+    ray_cpus: o.RayCpus = 1.0,
+    ray_batch_rows: o.RayBatchRows = None,
 ) -> None:
     """Generate completions for every prompt; resumes where an earlier run of the same command stopped.
 
@@ -117,15 +103,26 @@ def gen(
     """
     from .commands import gen as cmd
 
-    opts = dict(locals())
     with user_errors():
-        code = cmd.run_gen(source, out, model, opts)
+        decode = DecodeParams(mode=mode, gamma=gamma, block_size=block_size, steps_per_block=steps_per_block,
+                              temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+                              mask_token_id=mask_token_id)
+        run = o.GenOptions(source=source, out=out, max_batch_rows=max_batch_rows,
+                           max_batch_tokens=max_batch_tokens, rows_per_shard=rows_per_shard,
+                           prompt_field=prompt_field, id_field=id_field, limit=limit, overwrite=overwrite,
+                           fail_on_error=fail_on_error, quiet=quiet)
+        placement = o.Placement(model=model, device=device, ctx_device=ctx_device, den_device=den_device,
+                                dtype=dtype, threads=threads)
+        scale = o.ScaleOut(num_shards=num_shards, shard_index=shard_index, ray=ray, ray_address=ray_address,
+                           ray_actors=ray_actors, ray_cpus=ray_cpus, ray_batch_rows=ray_batch_rows)
+        code = cmd.run_gen(run, decode, placement, scale)
     raise typer.Exit(code)
 
 
-@app.command(no_args_is_help=True)
+@app.command(cls=o.HelpCommand, no_args_is_help=True)
 def stats(
-    out_dir: Annotated[Path, typer.Argument(help="An output directory of `twotower gen`.")],
+    out_dir: Annotated[Path, typer.Argument(
+        metavar="DIR", show_default=False, help="An output directory of `twotower gen`.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
     """Rows, per-mode counts, finish reasons, tokens-per-step histogram and throughput of a run."""
@@ -135,41 +132,43 @@ def stats(
         cmd.run(out_dir, as_json)
 
 
-@app.command()
+@app.command(cls=o.HelpCommand)
 def bench(
-    model: Annotated[Path | None, typer.Option(help="Checkpoint directory (default: the embedded tiny model).",
-                                               show_default=False)] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per (mode, γ) on stdout.")] = False,
-    n_per_task: Annotated[int, typer.Option(min=1, help="Held-out prompts per task.")] = 20,
-    batch: Annotated[int, typer.Option(min=1, help="Rows decoded together (1 = latency-bound, as the "
-                                                   "release's speed-up figure).")] = 1,
-    gammas: Annotated[str, typer.Option(help="Comma-separated γ values for diffusion.")] = "0.5,0.6,0.7,0.8,0.9,0.95",
-    block: Annotated[int, typer.Option(min=1, help="Block size S.")] = 16,
-    steps: Annotated[int, typer.Option(min=1, help="Steps per block T.")] = 16,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per row.")] = 64,
-    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: torch's).")] = None,
-    seed: Annotated[int, typer.Option(help="Which held-out sample to draw.")] = 0,
-    rounds: Annotated[int, typer.Option(min=1, help="Timed passes over all configurations, interleaved; "
-                                                    "tokens/s is each one's median (outputs are identical "
-                                                    "every pass).")] = 3,
+    model: o.Model = None,
+    gammas: Annotated[str, typer.Option(
+        metavar="LIST", rich_help_panel=o.DECODING,
+        help="Comma-separated γ values for diffusion.")] = "0.5,0.6,0.7,0.8,0.9,0.95",
+    block_size: o.BlockSize = 16,
+    steps_per_block: o.StepsPerBlock = 16,
+    max_new_tokens: o.MaxNewTokens = 64,
+    batch: Annotated[int, typer.Option(
+        metavar="N", min=1, rich_help_panel=o.MODEL,
+        help="Rows decoded together (1 is latency-bound, as the release's speed-up figure).")] = 1,
+    threads: o.Threads = None,
+    n_per_task: Annotated[int, typer.Option(
+        metavar="N", min=1, rich_help_panel=o.BENCH, help="Held-out prompts per task.")] = 20,
+    seed: Annotated[int, typer.Option(
+        metavar="N", rich_help_panel=o.BENCH, help="Which held-out prompts to draw.")] = 0,
+    rounds: Annotated[int, typer.Option(
+        metavar="N", min=1, rich_help_panel=o.BENCH,
+        help="Timed passes over all configurations, interleaved; tokens/s is each one's median pass "
+             "(outputs are identical every pass).")] = 3,
+    as_json: Annotated[bool, typer.Option(
+        "--json", rich_help_panel=o.BENCH, help="Print one JSON object per (mode, γ) instead of a table.")] = False,
 ) -> None:
-    """AR vs mock-AR vs diffusion at several γ on held-out tasks: exact match, quality vs AR,
-    tokens per denoiser step, tokens/s and speed-up vs AR, measured in one run."""
+    """AR vs mock-AR vs diffusion at several γ on held-out tasks: exact match, quality vs AR, tokens per
+    denoiser step, tokens/s and speed-up vs AR, measured in one run."""
     from .commands import bench as cmd
 
     with user_errors():
-        try:
-            gs = tuple(float(g) for g in gammas.split(",") if g.strip())
-        except ValueError:
-            raise cmd.UserError(f"--gammas must be comma-separated numbers, got {gammas!r}") from None
-        if not gs or any(not 0.0 <= g <= 1.0 for g in gs):
-            raise cmd.UserError("--gammas must be numbers in [0, 1]")
-        cmd.run(model, as_json, n_per_task, batch, gs, block, steps, max_new_tokens, threads, seed, rounds)
+        decode = DecodeParams(block_size=block_size, steps_per_block=steps_per_block, max_new_tokens=max_new_tokens)
+        cmd.run(model, decode, cmd.parse_gammas(gammas), as_json=as_json, n_per_task=n_per_task, batch=batch,
+                threads=threads, seed=seed, rounds=rounds)
 
 
 def main() -> None:
     try:
-        app()
+        app(prog_name="twotower")
     except KeyboardInterrupt:  # before a run installs its own handlers (e.g. while loading a model)
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None

@@ -13,12 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 LAYER_KINDS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 MODES = ("diffusion", "mock-ar", "ar")
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot describe a valid model or run."""
+class ConfigError(UserError, ValueError):
+    """A configuration that cannot describe a valid model or run (a `UserError`: exit 2, one line;
+    still a `ValueError` for callers that catch that)."""
 
 
 @dataclass

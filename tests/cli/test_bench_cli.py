@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from twotower_cli import ModelConfig, TwoTower, save_pretrained
+from twotower_cli import DecodeParams, ModelConfig, TwoTower, save_pretrained
 from twotower_cli.cli import app
 from twotower_cli.model.checkpoint import default_checkpoint
 from twotower_cli.training.tokenizer_build import save_tokenizer, vocab
@@ -63,7 +63,8 @@ def test_bench_interleaves_rounds_and_takes_the_median(random_ckpt, monkeypatch,
                 "tokens_per_step": 1.0, "tokens_per_s": 100 / wall, "completion_tokens": 100, "wall_s": wall}
 
     monkeypatch.setattr(cmd, "evaluate", fake)
-    cmd.run(random_ckpt, True, 1, 1, (0.8,), 16, 16, 8, None, 0, rounds=3)
+    cmd.run(random_ckpt, DecodeParams(block_size=16, steps_per_block=16, max_new_tokens=8), (0.8,), as_json=True,
+            n_per_task=1, batch=1, threads=None, seed=0, rounds=3)
     assert calls == ["ar", "mock-ar", "diffusion"] * 3
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["tokens_per_s"] for r in rows] == [50.0, 12.5, 100.0]  # medians: 2.0, 8.0, 1.0 s

@@ -26,7 +26,7 @@ from twotower_cli import load_tokenizer
 from twotower_cli.cli import app
 from twotower_cli.config import DecodeParams
 from twotower_cli.engine import Engine, Request
-from twotower_cli.io.manifest import RunLock
+from twotower_cli.io.rundir import RunLock
 
 ROOT = Path(__file__).resolve().parents[2]
 # One torch thread in the children too: tiny shapes, shared CPUs (see conftest.py).

@@ -1,8 +1,9 @@
 """One module per CLI command: `cli.py` declares the options and calls `run(...)` here.
 
-Command bodies print data to stdout and logs to stderr, and raise `UserError` (or a library error
-listed in `USER_ERRORS`) for anything the user can fix; `cli.py` turns those into one line on
-stderr and exit code 2.
+Command bodies print data to stdout and logs to stderr, and raise `errors.UserError` (or a
+subclass) for anything the user can fix; `cli.py` turns those into one line on stderr and exit
+code 2. Nothing here imports torch or the model: command modules import what they need inside the
+functions that need it.
 """
 
 from __future__ import annotations
@@ -13,20 +14,30 @@ from collections.abc import Iterator
 
 import typer
 
-from ..config import ConfigError
-from ..model.checkpoint import CheckpointError
+from ..errors import EXIT_USAGE, UserError, one_line
+
+__all__ = ["EXIT_USAGE", "UserError", "one_line", "user_error_types", "user_errors"]
+
+# User-fixable errors of other layers that do not derive from `UserError` yet (module, class name).
+# Looked up in sys.modules, never imported: an instance of a class whose module was never imported
+# cannot exist, and importing model/ just to ask would import torch.
+_NOT_YET_USER_ERRORS = (
+    ("twotower_cli.model.checkpoint", "CheckpointError"),
+    ("twotower_cli.io.schema", "InputError"),
+    ("twotower_cli.io.manifest", "RunDirError"),
+    ("twotower_cli.io.rundir", "RunDirError"),
+    ("twotower_cli.ray_pipeline", "RayUnavailable"),
+)
 
 
-class UserError(Exception):
-    """A bad argument or input: reported as one line, exit code 2, no traceback."""
-
-
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, CheckpointError, ConfigError)
-EXIT_USAGE = 2
-
-
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """`UserError` and the user-fixable error classes of the modules imported so far."""
+    types: list[type[BaseException]] = [UserError]
+    for module, name in _NOT_YET_USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException) and not issubclass(cls, UserError):
+            types.append(cls)
+    return tuple(types)
 
 
 @contextlib.contextmanager
@@ -34,6 +45,8 @@ def user_errors() -> Iterator[None]:
     """Report user-fixable errors as `error: <message>` on stderr and exit with code 2."""
     try:
         yield
-    except USER_ERRORS as e:
+    except Exception as e:
+        if not isinstance(e, user_error_types()):
+            raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE) from None

@@ -19,26 +19,37 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..config import DecodeParams
-from ..engine import Engine, Request
-from ..model.checkpoint import default_checkpoint, load_model
-from ..model.tokenizer import load_tokenizer
-from . import UserError
+from ..config import ConfigError, DecodeParams
+from ..errors import UserError
 
 GAMMAS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def parse_gammas(text: str) -> tuple[float, ...]:
+    """`--gammas 0.5,0.9` -> (0.5, 0.9); each value is checked by DecodeParams, like --gamma of `gen`."""
+    try:
+        gammas = tuple(float(g) for g in text.split(",") if g.strip())
+    except ValueError:
+        raise UserError(f"--gammas must be comma-separated numbers, got {text!r}") from None
+    if not gammas:
+        raise UserError("--gammas must name at least one γ")
+    for g in gammas:
+        try:
+            DecodeParams(gamma=g)
+        except ConfigError as e:
+            raise UserError(f"--gammas: {e}") from None
+    return gammas
 
 
 def _configs(gammas: tuple[float, ...]) -> list[tuple[str, float | None]]:
     return [("ar", None), ("mock-ar", None)] + [("diffusion", g) for g in gammas]
 
 
-def evaluate(model, tok, items, mode: str, gamma: float | None, batch: int, block: int, steps: int,
-             max_new: int) -> dict[str, Any]:
+def evaluate(model, tok, items, mode: str, gamma: float | None, batch: int, decode: DecodeParams) -> dict[str, Any]:
     """Decode every held-out prompt once; exact match per task, tokens per step, tokens/s."""
-    params = DecodeParams(mode=mode, gamma=gamma if gamma is not None else 0.8, block_size=block,
-                          steps_per_block=steps, max_new_tokens=max_new)
+    from ..engine import Engine, Request
+
+    params = decode.replace(mode=mode, gamma=gamma if gamma is not None else 0.8)
     reqs = [Request(str(i), tok.encode(prompt), params) for i, (_, prompt, _) in enumerate(items)]
     eos = set(model.config.eos_ids)
     engine = Engine(model, max_batch_rows=batch)
@@ -60,8 +71,14 @@ def evaluate(model, tok, items, mode: str, gamma: float | None, batch: int, bloc
             "tokens_per_s": tokens / wall, "completion_tokens": tokens, "wall_s": wall}
 
 
-def run(model_path: Path | None, as_json: bool, n_per_task: int, batch: int, gammas: tuple[float, ...],
-        block: int, steps: int, max_new: int, threads: int | None, seed: int, rounds: int = 3) -> None:
+def run(model_path: Path | None, decode: DecodeParams, gammas: tuple[float, ...] = GAMMAS, *, as_json: bool = False,
+        n_per_task: int = 20, batch: int = 1, threads: int | None = None, seed: int = 0, rounds: int = 3) -> None:
+    """Decode the held-out prompts with every configuration (`decode` gives S, T and the token
+    limit; mode and γ vary) and print the table, or one JSON object per configuration."""
+    import torch
+
+    from ..model.checkpoint import default_checkpoint, load_model
+    from ..model.tokenizer import load_tokenizer
     from ..training.tasks import eval_set  # the held-out split of the embedded model's tasks
 
     path = model_path or default_checkpoint()
@@ -74,11 +91,11 @@ def run(model_path: Path | None, as_json: bool, n_per_task: int, batch: int, gam
     items = eval_set(n_per_task=n_per_task, seed=seed)
     configs = _configs(gammas)
     for mode, gamma in configs:
-        evaluate(model, tok, items[:2], mode, gamma, batch, block, steps, max_new)  # warm-up
+        evaluate(model, tok, items[:2], mode, gamma, batch, decode)  # warm-up
     passes: list[list[dict[str, Any]]] = [[] for _ in configs]
     for k in range(rounds):
         for i, (mode, gamma) in enumerate(configs):
-            passes[i].append(evaluate(model, tok, items, mode, gamma, batch, block, steps, max_new))
+            passes[i].append(evaluate(model, tok, items, mode, gamma, batch, decode))
         if not as_json:
             print(f"  pass {k + 1}/{rounds} done", file=sys.stderr, flush=True)
     rows = []
@@ -98,7 +115,8 @@ def run(model_path: Path | None, as_json: bool, n_per_task: int, batch: int, gam
     tasks = list(rows[0]["per_task"])
     head = f"{'mode':<10}{'γ':>5} " + "".join(f"{t:>8}" for t in tasks)
     head += f"{'all':>8}{'vs AR':>8}{'tok/step':>9}{'tok/s':>9}{'speedup':>9}"
-    print(f"{path} | {len(items)} held-out prompts | S={block} T={steps} | batch {batch} | "
+    print(f"{path} | {len(items)} held-out prompts | S={decode.block_size} T={decode.steps_per_block} | "
+          f"batch {batch} | "
           f"{torch.get_num_threads()} thread(s)")
     print(head)
     for r in rows:

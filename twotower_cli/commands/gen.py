@@ -6,20 +6,17 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from ..config import DecodeParams
+from ..errors import EXIT_REJECTS, UserError
+from ..options import GenOptions, Placement, ScaleOut
 
-from .. import ray_pipeline  # imports ray itself only when a --ray run starts
-from ..config import ConfigError, DecodeParams
-from ..io.manifest import RunDirError
-from ..io.partition import from_flags
-from ..io.schema import InputError
-from ..model.checkpoint import default_checkpoint, fingerprint, load_model, place_towers_on_devices
-from ..model.tokenizer import load_tokenizer
-from ..pipeline import EXIT_REJECTS, Progress, RunConfig, run
-from ..ray_pipeline import RayOptions, RayUnavailable, import_ray
-from . import UserError
+if TYPE_CHECKING:
+    from ..pipeline import Progress, RunConfig
+
+# torch, the model and the pipeline are imported by the functions that use them: `twotower gen
+# --help` and a flag error need none of them.
 
 
 def count_input_rows(source: str, limit: int | None) -> int | None:
@@ -46,17 +43,24 @@ def count_input_rows(source: str, limit: int | None) -> int | None:
     return min(n, limit) if limit is not None else n
 
 
-def build(source: str, out: Path, model_path: Path | None, opts: dict[str, Any]) -> RunConfig:
-    path = model_path or default_checkpoint()
+def build(run: GenOptions, decode: DecodeParams, placement: Placement, scale: ScaleOut) -> RunConfig:
+    """Check the devices, load the model and tokenizer, and assemble the pipeline's RunConfig."""
+    import torch
+
+    from ..io.partition import from_flags
+    from ..model.checkpoint import default_checkpoint, fingerprint, load_model, place_towers_on_devices
+    from ..model.tokenizer import load_tokenizer
+    from ..pipeline import RunConfig
+
+    path = placement.model or default_checkpoint()
     if path is None:
         raise UserError("no --model given and this build has no embedded model")
     try:
-        partition = from_flags(opts.get("num_shards"), opts.get("shard_index"))
+        partition = from_flags(scale.num_shards, scale.shard_index)
     except ValueError as e:
         raise UserError(str(e)) from None
-    use_ray = _use_ray(opts)
-    device = opts.get("device")
-    ctx_dev, den_dev = opts.get("ctx_device"), opts.get("den_device")
+    use_ray = scale.use_ray
+    device, ctx_dev, den_dev = placement.device, placement.ctx_device, placement.den_device
     if (ctx_dev or den_dev) and device:
         raise UserError("give --device, or --ctx-device/--den-device, not both")
     for d in (device, ctx_dev, den_dev):
@@ -67,41 +71,38 @@ def build(source: str, out: Path, model_path: Path | None, opts: dict[str, Any])
                 raise UserError(f"unknown device {d!r}") from None
             if dev.type == "cuda" and not torch.cuda.is_available() and not use_ray:  # Ray: the workers' GPUs
                 raise UserError(f"device {d!r} asked for, but CUDA is not available")
+    if placement.threads:
+        torch.set_num_threads(placement.threads)
     if use_ray:  # the actors load the weights; the driver checks the checkpoint's keys and shapes only
         model = load_model(path, device="meta")
     else:
-        model = load_model(path, device=ctx_dev or device, dtype=opts.get("dtype")).eval()
+        model = load_model(path, device=ctx_dev or device, dtype=placement.dtype).eval()
     if (ctx_dev or den_dev) and not use_ray:
         place_towers_on_devices(model, ctx_dev or "cpu", den_dev or ctx_dev or "cpu")
     tok = load_tokenizer(path)
-    defaults = DecodeParams(
-        mode=opts["mode"], gamma=opts["gamma"], block_size=opts["block"], steps_per_block=opts["steps"],
-        temperature=opts["temperature"], max_new_tokens=opts["max_new_tokens"], seed=opts["seed"],
-        mask_token_id=opts["mask_token_id"],
-    )
-    if defaults.mode != "ar" and model.ar_only:
+    if decode.mode != "ar" and model.ar_only:
         raise UserError(f"{path} has no denoiser tower: only --mode ar works with it")
-    if defaults.mask_token_id >= model.config.vocab_size:
-        raise UserError(f"--mask-token-id {defaults.mask_token_id} is outside the vocabulary")
+    if decode.mask_token_id >= model.config.vocab_size:
+        raise UserError(f"--mask-token-id {decode.mask_token_id} is outside the vocabulary")
     return RunConfig(
-        source=source, out_dir=out, model=model, tokenizer=tok, model_name=Path(path).resolve().name,
-        model_fingerprint=fingerprint(path), defaults=defaults, max_batch_rows=opts["max_batch_rows"],
-        max_batch_tokens=opts["max_batch_tokens"], rows_per_shard=opts["rows_per_shard"],
-        prompt_field=opts["prompt_field"], id_field=opts["id_field"], limit=opts["limit"],
-        overwrite=opts["overwrite"], partition=partition,
+        source=run.source, out_dir=run.out, model=model, tokenizer=tok, model_name=Path(path).resolve().name,
+        model_fingerprint=fingerprint(path), defaults=decode, max_batch_rows=run.max_batch_rows,
+        max_batch_tokens=run.max_batch_tokens, rows_per_shard=run.rows_per_shard,
+        prompt_field=run.prompt_field, id_field=run.id_field, limit=run.limit,
+        overwrite=run.overwrite, partition=partition,
     )
 
 
-def _use_ray(opts: dict[str, Any]) -> bool:
-    return bool(opts.get("ray") or opts.get("ray_address"))
+def _run_ray(cfg: RunConfig, run: GenOptions, placement: Placement, scale: ScaleOut, on_result,
+             notes) -> dict[str, Any]:
+    from .. import ray_pipeline
+    from ..model.checkpoint import default_checkpoint
 
-
-def _run_ray(cfg: RunConfig, model_path: Path | None, opts: dict[str, Any], on_result, notes) -> dict[str, Any]:
-    ray_opts = RayOptions(
-        model_path=model_path or default_checkpoint(), address=opts.get("ray_address"),
-        actors=opts.get("ray_actors"), cpus_per_actor=1.0 if opts.get("ray_cpus") is None else opts["ray_cpus"],
-        batch_rows=opts.get("ray_batch_rows"), device=opts.get("device"), ctx_device=opts.get("ctx_device"),
-        den_device=opts.get("den_device"), dtype=opts.get("dtype"), quiet=opts["quiet"],
+    ray_opts = ray_pipeline.RayOptions(
+        model_path=placement.model or default_checkpoint(), address=scale.ray_address, actors=scale.ray_actors,
+        cpus_per_actor=1.0 if scale.ray_cpus is None else scale.ray_cpus, batch_rows=scale.ray_batch_rows,
+        device=placement.device, ctx_device=placement.ctx_device, den_device=placement.den_device,
+        dtype=placement.dtype, quiet=run.quiet,
     )
     return ray_pipeline.run(cfg, ray_opts, on_result=on_result, notes=notes)
 
@@ -152,26 +153,29 @@ class Display:
             self.bar.stop()
 
 
-def run_gen(source: str, out: Path, model_path: Path | None, opts: dict[str, Any]) -> int:
-    try:
-        if _use_ray(opts):  # before loading anything: a missing extra is one line, exit 2
-            import_ray()
-        cfg = build(source, out, model_path, opts)
-        # A task of a job array does about 1/N of the input: no total (and no ETA) rather than a wrong one.
-        total = count_input_rows(source, opts["limit"]) if cfg.partition is None else None
-        notes = (lambda m: print(f"note: {m}", file=sys.stderr)) if not opts["quiet"] else None
-        with Display(total, opts["quiet"]) as disp:
-            if _use_ray(opts):
-                summary = _run_ray(cfg, model_path, opts, disp.update, notes)
-            else:
-                summary = run(cfg, on_result=disp.update, notes=notes)
-    except (InputError, RunDirError, ConfigError, RayUnavailable) as e:
-        raise UserError(str(e)) from None
-    if opts["fail_on_error"] and summary["rows_rejected"] and not summary["exit_code"]:
+def run_gen(run: GenOptions, decode: DecodeParams, placement: Placement, scale: ScaleOut) -> int:
+    """The whole `twotower gen`: returns the exit code. User-fixable errors propagate (the CLI prints
+    them as one line, exit 2)."""
+    if scale.use_ray:  # before loading anything: a missing extra is one line, exit 2
+        from ..ray_pipeline import import_ray
+
+        import_ray()
+    cfg = build(run, decode, placement, scale)
+    # A task of a job array does about 1/N of the input: no total (and no ETA) rather than a wrong one.
+    total = count_input_rows(run.source, run.limit) if cfg.partition is None else None
+    notes = (lambda m: print(f"note: {m}", file=sys.stderr)) if not run.quiet else None
+    with Display(total, run.quiet) as disp:
+        if scale.use_ray:
+            summary = _run_ray(cfg, run, placement, scale, disp.update, notes)
+        else:
+            from ..pipeline import run as run_pipeline
+
+            summary = run_pipeline(cfg, on_result=disp.update, notes=notes)
+    if run.fail_on_error and summary["rows_rejected"] and not summary["exit_code"]:
         summary["exit_code"] = EXIT_REJECTS
     print(json.dumps(summary))
     if summary.get("error"):  # a failed Ray job: what was committed stays; a rerun resumes
         print(f"error: {summary['error']}; rerun the same command to resume", file=sys.stderr)
-    if summary["rows_rejected"] and not opts["quiet"]:
+    if summary["rows_rejected"] and not run.quiet:
         print(f"note: {summary['rows_rejected']} row(s) rejected, see {summary['errors_file']}", file=sys.stderr)
     return summary["exit_code"]

@@ -8,14 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from ..config import LAYER_KINDS, ModelConfig
-from ..model.checkpoint import default_checkpoint, fingerprint, load_model, weight_dtypes
-from . import UserError
+from ..errors import UserError
 
 
 def collect(path: Path | None, preset: str | None) -> dict[str, Any]:
     """The facts `info` reports. A preset is described from its config alone (nothing allocated);
     a checkpoint is checked (keys and shapes against config.json) and its actual parameters counted,
     without reading tensor data."""
+    from ..model.checkpoint import default_checkpoint, fingerprint, load_model, weight_dtypes
+
     if path is not None and preset is not None:
         raise UserError("give either a checkpoint PATH or --preset, not both")
     if path is None and preset is None:

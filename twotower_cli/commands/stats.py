@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..io.stats import read_run, render_summary
-from . import UserError
+from ..errors import UserError
 
 
 def run(out_dir: Path, as_json: bool) -> None:
+    from ..io.stats import read_run, render_summary
+
     try:
         summary = read_run(out_dir)
     except (FileNotFoundError, NotADirectoryError) as e:
