@@ -11,7 +11,7 @@ import torch
 from twotower_cli.config import DecodeParams, ModelConfig
 from twotower_cli.engine import Engine, Request
 from twotower_cli.engine import reference as ref
-from twotower_cli.engine.decode import choose, commit_mask
+from twotower_cli.engine.decode import commit_mask
 from twotower_cli.engine.generation import TwoTowerForGeneration as TwoTower
 from twotower_cli.engine.request import row_key
 
@@ -176,13 +176,33 @@ def test_commit_count_threshold_rule():
     assert counts(15) == [16, 16, 5, 3]  # the rest
 
 
-def test_mask_id_never_proposed():
-    logits = torch.zeros(2, 3, 10)
-    logits[..., 3] = -float("inf")
-    logits[0, :, 3] = -float("inf")
-    pred, conf = choose(logits, torch.tensor([0.0, 2.0]), torch.tensor([1, 1]), torch.tensor([5, 6]),
-                        torch.arange(3)[None].expand(2, 3), torch.tensor([0, 0]))
-    assert (pred != 3).all() and torch.allclose(conf, torch.full_like(conf, 1 / 9))
+def test_mask_id_never_proposed(peaked):
+    """The engine excludes the mask id from the denoiser's proposals: with the mask id's logit
+    raised far above every other, a diffusion row decodes the same tokens as without (and never
+    the mask id). Were the mask proposable it would be committed and stay masked, so the block
+    would never complete: a step budget turns that into a failure instead of a hang."""
+    rows = prompts(3, seed=13)
+    params = [DecodeParams(mode="diffusion", gamma=0.7, max_new_tokens=12, block_size=4, steps_per_block=4,
+                           temperature=t, seed=1) for t in (0.0, 1.0, 0.0)]
+    plain = run_engine(peaked, rows, params)
+    original = peaked.denoise
+
+    def mask_first(*a, **k):
+        logits = original(*a, **k)
+        logits[..., params[0].mask_token_id] += 1e4
+        return logits
+
+    peaked.denoise = mask_first
+    try:
+        steps = iter(range(200))
+        reqs = [Request(str(i), r, p) for i, (r, p) in enumerate(zip(rows, params))]
+        engine = Engine(peaked, max_batch_rows=4, eos_ids=EOS)
+        out = {r.id: r for r in engine.run(reqs, stop=lambda: next(steps) >= 199)}
+    finally:
+        del peaked.denoise
+    assert sorted(out) == ["0", "1", "2"], "rows did not finish: the mask id was proposed"
+    assert [out[str(i)].tokens for i in range(3)] == [r.tokens for r in plain]
+    assert all(params[0].mask_token_id not in r.tokens for r in plain)
 
 
 def test_eos_cut_and_partial_last_block(model):
