@@ -1,6 +1,6 @@
 """`twotower gen` end to end (issue #5): inputs, overrides, engine equality, crash safety, signals,
 bad inputs and refusals. In-process runs use typer's CliRunner; crash and signal tests use real
-subprocesses (`python -m twotower_cli gen ...`). Everything runs on a random tiny checkpoint."""
+subprocesses (`python -m twotower_cli gen ...`, marked slow). Everything runs on a random tiny checkpoint."""
 
 from __future__ import annotations
 
@@ -322,6 +322,7 @@ def test_cli_tokens_equal_the_engine(model_dir, tmp_path, batch_rows):
 # ---- crash safety ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # real subprocesses
 def test_sigkill_at_random_moments_then_resume(model_dir, tmp_path):
     n = 200
     good = prompts(n, seed=5)
@@ -364,6 +365,7 @@ def test_sigkill_at_random_moments_then_resume(model_dir, tmp_path):
     assert stats_json(out)["rows"] == n
 
 
+@pytest.mark.slow  # real subprocesses
 def test_sigterm_commits_and_exits_3_then_resume(model_dir, tmp_path):
     n = 60
     good = prompts(n, seed=6)
@@ -389,6 +391,7 @@ def test_sigterm_commits_and_exits_3_then_resume(model_dir, tmp_path):
     assert sorted(ids_of(out)) == sorted(p["id"] for p in good)
 
 
+@pytest.mark.slow  # real subprocesses
 def test_second_signal_stops_at_once(no_eos_model_dir, tmp_path):
     """Rows in flight are long (2000 tokens each, no EOS): the first SIGTERM lets them finish, the
     second must stop without waiting for them."""
@@ -533,6 +536,7 @@ def test_bad_flags_exit_2_one_line(model_dir, tmp_path, case):
     assert not Path(out).exists() or not shards(Path(out))
 
 
+@pytest.mark.slow  # real subprocesses
 def test_bad_flag_in_a_real_process(tmp_path):
     """The same as seen from a shell: stderr is one line, no traceback, exit 2."""
     src = write_jsonl(tmp_path / "p.jsonl", prompts(2))
