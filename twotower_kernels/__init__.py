@@ -1,6 +1,6 @@
 """Kernel dispatch: the one module that knows about optional accelerators (DESIGN.md principle 5).
 
-Nothing else in the project imports triton, mamba_ssm or causal_conv1d. This module only *looks*
+Nothing else in the project imports triton. This module only *looks*
 for them at import (`importlib.util.find_spec`, cheap and safe without a GPU); the import itself
 happens on first use, in `load_triton()`. Each kernel module (`confidence.py`, `ssd.py`) holds a
 pure-PyTorch `*_ref` twin, which is the spec and the CPU path, and builds its Triton kernel lazily
@@ -16,9 +16,9 @@ Which path runs (`backend(device)`):
 The choice comes from `force(...)` (a context manager for tests) or else the environment variable
 `TWOTOWER_KERNELS=auto|ref|triton`.
 
-mamba_ssm's per-token `selective_state_update` / chunked scan would be a third block-scan path;
-it is detected (`HAS_MAMBA_SSM`) but not used: our Triton scan covers the same case in one launch,
-and a chunked scan over a seeded short block is what SPEC.md §3 warns about.
+mamba_ssm's per-token `selective_state_update` / chunked scan would be a third block-scan path; it
+is not used (nor installed by the `gpu` extra): our Triton scan covers the same case in one launch,
+and a chunked scan over a seeded short block is what docs/SPEC.md warns about.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "BLOCK_SCAN_MAX", "HAS_CUDA", "HAS_MAMBA_SSM", "HAS_TRITON", "KernelUnavailable", "backend",
-    "block_scan", "force", "interpreting", "load_mamba_ssm", "load_triton", "propose", "requested",
+    "BLOCK_SCAN_MAX", "HAS_CUDA", "HAS_TRITON", "KernelUnavailable", "backend",
+    "block_scan", "force", "interpreting", "load_triton", "propose", "requested",
 ]
 
 MODES = ("auto", "ref", "triton")
@@ -55,8 +55,6 @@ def _found(name: str) -> bool:
 
 HAS_CUDA: bool = torch.cuda.is_available()
 HAS_TRITON: bool = _found("triton")
-# mamba-ssm is a CUDA-only extra: never consider it on a machine without CUDA (ENVIRONMENT.md).
-HAS_MAMBA_SSM: bool = HAS_CUDA and _found("mamba_ssm")
 
 
 class KernelUnavailable(RuntimeError):
@@ -128,13 +126,6 @@ def load_triton() -> tuple[Any, Any]:
             raise KernelUnavailable("triton is not installed (pip install 'twotower-cli[gpu]')")
         _triton_modules = (importlib.import_module("triton"), importlib.import_module("triton.language"))
     return _triton_modules
-
-
-def load_mamba_ssm() -> Any:
-    """The mamba_ssm package, imported on first use (CUDA machines only)."""
-    if not HAS_MAMBA_SSM:
-        raise KernelUnavailable("mamba_ssm is not installed or there is no CUDA device")
-    return importlib.import_module("mamba_ssm")
 
 
 # -- the kernels, dispatched (named unlike their modules, which become package attributes) ---------
