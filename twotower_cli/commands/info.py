@@ -11,11 +11,18 @@ from ..config import LAYER_KINDS, ModelConfig
 from ..errors import UserError
 
 
+def load_model(path: Path, device: str = "meta"):
+    """model.checkpoint.load_model, imported (with torch) on first call."""
+    from ..model.checkpoint import load_model
+
+    return load_model(path, device=device)
+
+
 def collect(path: Path | None, preset: str | None) -> dict[str, Any]:
     """The facts `info` reports. A preset is described from its config alone (nothing allocated);
     a checkpoint is checked (keys and shapes against config.json) and its actual parameters counted,
     without reading tensor data."""
-    from ..model.checkpoint import default_checkpoint, fingerprint, load_model, weight_dtypes
+    from ..model.checkpoint import default_checkpoint, fingerprint, weight_dtypes
 
     if path is not None and preset is not None:
         raise UserError("give either a checkpoint PATH or --preset, not both")
