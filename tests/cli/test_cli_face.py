@@ -63,6 +63,14 @@ def test_help_groups_options_in_panels_and_shows_switch_pairs():
     assert "--block-size, --block" in bench and "--steps-per-block, --steps" in bench
 
 
+def test_help_texts_are_sentences():
+    group = get_command(app)
+    for cmd in (group, *(group.get_command(None, n) for n in COMMANDS)):  # type: ignore[arg-type]
+        for text in (cmd.help, *(p.help for p in cmd.params)):
+            text = (text or "").strip()
+            assert text[:1].isupper() and text.endswith("."), (cmd.name, text)
+
+
 def test_shared_options_are_declared_once():
     """--model, --block-size, --steps-per-block, --max-new-tokens, --threads: the same declaration
     (names, help, panel) in gen and bench; only the defaults may differ."""
