@@ -1,18 +1,20 @@
-"""`twotower gen --ray`: the same run as `pipeline.run`, with the engine on a Ray cluster's actors.
+"""`twotower gen --ray`: the pipeline's run loop with `RayDecoder`, the engine on a Ray cluster's actors.
 
-    driver:  reader -> partition / done filter -> input blocks (object store)        RunDir
-                                   |                                                   ^
-    actors:          map_batches(_Generate): Batcher (length order) -> Engine -> records
+    driver:  reader -> partition / done filter -> RayDecoder: input blocks (object store)   RunDir
+                                                              |                               ^
+    actors:          map_batches(_Generate): LocalDecoder (Batcher -> Engine) -> records -----+
 
-The driver reads and validates the input with our own reader (so rejection semantics, derived
-ids and `--limit` are those of the local run), drops rows of other shards (`--num-shards`) and
-rows already committed, and hands the rest to Ray Data as blocks of `batch_rows` rows. A pool of
-stateful actors (`_Generate`) loads the model once each (`num_gpus` per actor from the tower
-placement: 2 for a two-device split, 1 on one GPU, 0 on CPU; `num_cpus` configurable, as many
-torch threads), sorts each batch by length with the `Batcher` and decodes it with the `Engine`.
-Actors return finished records; the driver writes them through the same single-writer RunDir as
-a local run, so the output directory (shards, manifest, errors, resume, `twotower stats`) is the
-local run's, and a Ray run and a local run can resume each other.
+The driver runs the same loop as a local run (`pipeline.generate`): it reads and validates the
+input with our own reader (so rejection semantics, derived ids and `--limit` are those of the
+local run), drops rows of other shards (`--num-shards`) and rows already committed, and commits
+what comes back. `RayDecoder` hands the admitted rows to Ray Data as blocks of `batch_rows` rows.
+A pool of stateful actors (`_Generate`) loads the model once each (`num_gpus` per actor from the
+tower placement: 2 for a two-device split, 1 on one GPU, 0 on CPU; `num_cpus` configurable, as
+many torch threads) and decodes each batch with the pipeline's `LocalDecoder` (the batch sorted by
+length by the `Batcher`, then the `Engine`). Actors return finished records; the driver writes
+them through the same single-writer RunDir as a local run, so the output directory (shards,
+manifest, errors, resume, `twotower stats`) is the local run's, and a Ray run and a local run can
+resume each other.
 
 Exactly once, and why the driver commits. The guarantees of the local run hold because only the
 driver commits:
@@ -46,7 +48,6 @@ import logging
 import os
 import re
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -57,13 +58,12 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
-from .io.manifest import RunDir
-from .io.reader import read_rows
+from .batcher import BatchPolicy
+from .errors import UserError
 from .io.schema import PromptRow, RejectedRow
-from .pipeline import Progress, RunConfig, _record, _Signals, fingerprint, summarize
+from .pipeline import Decoded, Decoder, LocalDecoder, Progress, RunConfig, Signals, generate
 
 FAULT_ENV = "TWOTOWER_RAY_FAULT"  # testing only: "ROW_ID:MARKER" -> one actor dies on ROW_ID's batch
-EXIT_FAILED = 1
 # Driver -> actors: one PromptRow per row (overrides and messages as JSON, so any value round-trips).
 _IN_SCHEMA = pa.schema([("id", pa.string()), ("line_no", pa.int64()), ("prompt", pa.string()),
                         ("messages", pa.string()), ("overrides", pa.string()), ("source_format", pa.string())])
@@ -72,7 +72,7 @@ _OUT_SCHEMA = pa.schema([("kind", pa.string()), ("payload", pa.binary())])
 _COUNTERS = ("prefill_calls", "prefill_tokens", "prefill_padded_tokens", "denoiser_calls", "context_calls")
 
 
-class RayUnavailable(Exception):
+class RayUnavailable(UserError):
     """`--ray` without the `ray` extra installed, or no Ray to join (the CLI exits 2 with this line)."""
 
 
@@ -133,72 +133,112 @@ def run(cfg: RunConfig, opts: RayOptions, on_result: Callable[[Progress], None] 
     rows received are committed, those in flight on the actors are redone by the next run (exit 3).
     """
     ray = import_ray()
-    say = notes or (lambda _m: None)
-    prog = Progress()
-    batch_rows = opts.batch_rows or 4 * cfg.max_batch_rows
-    rows = read_rows(cfg.source, prompt_field=cfg.prompt_field, id_field=cfg.id_field, limit=cfg.limit)
-    counters = dict.fromkeys(_COUNTERS, 0)
-    info: dict[str, Any] = {"actors": opts.actors, "batch_rows": batch_rows, "batches": 0, "duplicates_dropped": 0}
-    error = None
-    with RunDir(cfg.out_dir, fingerprint(cfg), overwrite=cfg.overwrite, rows_per_shard=cfg.rows_per_shard,
-                partition=cfg.partition) as rd:
-        for n in rd.notes:
-            say(n)
-        started_ray = False
-        # stdout carries only the JSON summary: Ray prints its raylet messages ("a worker died")
-        # and the workers' stdout to sys.stdout, so point that at stderr while Ray runs.
-        with contextlib.redirect_stdout(sys.stderr):
-            try:
-                started_ray = _connect(ray, opts)
-                with _RaySignals(prog) as sig:  # after ray.init, so that our handlers are the ones installed
-                    blocks = _submit(ray, rows, rd, cfg, prog, batch_rows)
-                    info["batches"] = len(blocks)
-                    if blocks and not prog.stopping:
-                        ds, gpus = _dataset(ray, blocks, cfg, opts, batch_rows)
-                        _check_resources(ray, gpus, say)
-                        batches = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
-                        consume(sig.waiting(batches), rd, prog, counters, info, cfg.commit_every_s, on_result)
-            except KeyboardInterrupt:
-                prog.stopping = max(prog.stopping, 2)  # the second signal: commit what arrived, exit 3
-            except Exception as e:  # a failed Ray job (after Ray's retries): commit what arrived, exit 1
-                if not _is_ray_error(e):
-                    raise
-                error = f"the Ray job failed: {_root_cause(e)}"
-            finally:
-                if started_ray:
-                    ray.shutdown()
-        if on_result:
-            on_result(prog)
-        rd.close(complete=not prog.stopping and error is None)
-    out = summarize(cfg, prog, counters, rd.errors.path)
-    out["ray"] = info
-    if error:
-        out.update(error=error, complete=False, exit_code=EXIT_FAILED)
-    return out
+    return generate(cfg, RayDecoder(ray, cfg, opts, notes or (lambda _m: None)), on_result, notes)
 
 
-class _RaySignals(_Signals):
-    """The first signal sets the flag (checked between batches); the second also interrupts the
-    wait for Ray's next batch, but never a write (that is checked after the batch instead)."""
+class RayDecoder(Decoder):
+    """The pipeline's decoder on a Ray cluster: rows -> object-store blocks -> actors -> records.
 
-    blocked = False
+    Entering it joins (or starts) Ray, with stdout pointed at stderr until it exits: stdout
+    carries only the JSON summary, and Ray prints its raylet messages ("a worker died") and the
+    workers' stdout to sys.stdout. A failed Ray job (after Ray's retries) becomes `error`: the
+    records received are committed, the run exits 1, and a rerun resumes.
+    """
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self.progress.stopping += 1
-        if self.progress.stopping > 1 and self.blocked:
-            raise KeyboardInterrupt
+    def __init__(self, ray: Any, cfg: RunConfig, opts: RayOptions, say: Callable[[str], None]):
+        self.ray, self.cfg, self.opts, self.say = ray, cfg, opts, say
+        self.batch_rows = opts.batch_rows or 4 * cfg.max_batch_rows
+        self.counters = dict.fromkeys(_COUNTERS, 0)
+        self.info: dict[str, Any] = {"actors": opts.actors, "batch_rows": self.batch_rows, "batches": 0,
+                                     "duplicates_dropped": 0}
+        self.error: str | None = None
+        self._started = False
+        self._stdout: contextlib.ExitStack | None = None
 
-    def waiting(self, batches: Iterable[pa.Table]) -> Iterator[pa.Table]:
-        it = iter(batches)
-        while True:
-            self.blocked = True
-            try:
-                batch = next(it, None)
-            finally:
-                self.blocked = False
-            if batch is None:
+    def __enter__(self) -> RayDecoder:
+        self._stdout = contextlib.ExitStack()
+        self._stdout.enter_context(contextlib.redirect_stdout(sys.stderr))
+        try:
+            self._started = _connect(self.ray, self.opts)
+        except Exception as e:
+            if _is_ray_error(e):
+                self.error = f"the Ray job failed: {root_cause(e)}"
+                return self  # the loop commits, exit 1
+            self._stdout.close()
+            raise
+        except BaseException:  # a signal before our handlers: the loop stops at once (exit 3)
+            self._stdout.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._started:
+                self.ray.shutdown()
+        finally:
+            if self._stdout is not None:
+                self._stdout.close()
+
+    def summary(self) -> dict[str, Any]:
+        return {"ray": self.info}
+
+    def decode(self, rows: Iterable[PromptRow], signals: Signals,
+               is_done: Callable[[str], bool]) -> Iterator[Decoded | RejectedRow]:
+        """Submit every row first (the driver reads the whole remaining input), then yield the
+        actors' records batch by batch. The first signal stops after the batch that arrives next;
+        the second also cuts the wait for it short."""
+        if self.error:
+            return
+        try:
+            blocks = self._submit(rows, signals)
+            self.info["batches"] = len(blocks)
+            if not blocks or signals.stopping:
                 return
-            yield batch
+            ds, gpus = _dataset(self.ray, blocks, self.cfg, self.opts, self.batch_rows)
+            _check_resources(self.ray, gpus, self.say)
+            batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2))
+            while True:
+                with signals.interruptible():
+                    batch = next(batches, None)
+                if batch is None:
+                    return
+                yield from self.unpack(batch, is_done)
+                if signals.stopping:
+                    return  # any signal: stop now; the rows received are committed
+        except Exception as e:  # a failed Ray job: the loop commits what arrived, exit 1
+            if not _is_ray_error(e):
+                raise
+            self.error = f"the Ray job failed: {root_cause(e)}"
+
+    def _submit(self, rows: Iterable[PromptRow], signals: Signals) -> list[Any]:
+        """The admitted rows -> object-store blocks of `batch_rows` rows."""
+        blocks, buf = [], []
+        for r in rows:
+            buf.append(_row_to_dict(r))
+            if len(buf) >= self.batch_rows:
+                blocks.append(self.ray.put(pa.Table.from_pylist(buf, schema=_IN_SCHEMA)))
+                buf = []
+        if buf and not signals.stopping:
+            blocks.append(self.ray.put(pa.Table.from_pylist(buf, schema=_IN_SCHEMA)))
+        return blocks
+
+    def unpack(self, batch: pa.Table, is_done: Callable[[str], bool]) -> Iterator[Decoded | RejectedRow]:
+        """One batch of the actors' output -> records and rejects; engine counters are summed. A
+        record whose id is already done or written (a retried task's second delivery) is dropped
+        and counted."""
+        for kind, payload in zip(batch.column("kind").to_pylist(), batch.column("payload").to_pylist()):
+            d = orjson.loads(payload)
+            if kind == "counters":
+                for k in _COUNTERS:
+                    self.counters[k] += d.get(k, 0)
+            elif kind == "rejected":
+                yield RejectedRow(**d)
+            elif is_done(d["id"]):
+                self.info["duplicates_dropped"] += 1
+            else:
+                d["created_at"] = datetime.fromisoformat(d["created_at"])
+                steps = d.pop("_steps")
+                yield Decoded(d, steps)
 
 
 def _connect(ray: Any, opts: RayOptions) -> bool:
@@ -209,38 +249,11 @@ def _connect(ray: Any, opts: RayOptions) -> bool:
             ray.init(address=opts.address or None, logging_level=logging.WARNING, log_to_driver=True)
         except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
             where = opts.address or os.environ.get("RAY_ADDRESS") or "a new local instance"
-            raise RayUnavailable(f"cannot start or join Ray ({where}): {_root_cause(e)}") from None
+            raise RayUnavailable(f"cannot start or join Ray ({where}): {root_cause(e)}") from None
     # Our progress display (or none with -q) instead of Ray Data's bars and INFO lines on stderr.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     return started
-
-
-def _submit(ray: Any, rows: Iterable[PromptRow | RejectedRow], rd: RunDir, cfg: RunConfig, prog: Progress,
-            batch_rows: int) -> list[Any]:
-    """Read, partition, skip done ids, log the reader's rejects; the rest -> object-store blocks."""
-    blocks, buf = [], []
-    for r in rows:
-        if prog.stopping:
-            break
-        if cfg.partition is not None and not cfg.partition.owns(r):
-            prog.other_shards += 1
-            continue
-        if isinstance(r, RejectedRow):
-            rd.errors.add(r)
-            prog.rejected += 1
-            continue
-        if rd.is_done(r.id):
-            prog.skipped += 1
-            continue
-        buf.append(_row_to_dict(r))
-        if len(buf) >= batch_rows:
-            blocks.append(ray.put(pa.Table.from_pylist(buf, schema=_IN_SCHEMA)))
-            buf = []
-    if buf and not prog.stopping:
-        blocks.append(ray.put(pa.Table.from_pylist(buf, schema=_IN_SCHEMA)))
-    rd.errors.sync()
-    return blocks
 
 
 def _check_resources(ray: Any, gpus: int, say: Callable[[str], None]) -> None:
@@ -276,39 +289,6 @@ def _dataset(ray: Any, blocks: list[Any], cfg: RunConfig, opts: RayOptions, batc
         return ds.map_batches(_Generate, **args), gpus
 
 
-def consume(batches: Iterable[pa.Table], rd: RunDir, prog: Progress, counters: dict[str, int],
-            info: dict[str, Any], commit_every_s: float, on_result: Callable[[Progress], None] | None) -> None:
-    """Commit the actors' output through the run directory (the only writer). A result whose id is
-    already done or pending (a retried task's second delivery) is dropped and counted."""
-    last_commit = time.monotonic()
-    for batch in batches:
-        for kind, payload in zip(batch.column("kind").to_pylist(), batch.column("payload").to_pylist()):
-            d = orjson.loads(payload)
-            if kind == "counters":
-                for k in _COUNTERS:
-                    counters[k] += d.get(k, 0)
-            elif kind == "rejected":
-                rd.errors.add(RejectedRow(**d))
-                prog.rejected += 1
-            elif rd.is_done(d["id"]):
-                info["duplicates_dropped"] += 1
-            else:
-                d["created_at"] = datetime.fromisoformat(d["created_at"])
-                steps = d.pop("_steps")
-                rd.add(d)
-                prog.rows += 1
-                prog.tokens += d["completion_tokens"]
-                prog.steps += steps
-                if on_result:
-                    on_result(prog)
-        if time.monotonic() - last_commit > commit_every_s:
-            rd.writer.flush()
-            rd.errors.sync()
-            last_commit = time.monotonic()
-        if prog.stopping:
-            break  # any signal: stop now; rows received are committed by the caller
-
-
 def _is_ray_error(e: BaseException) -> bool:
     return (type(e).__module__ or "").startswith("ray.")
 
@@ -316,7 +296,7 @@ def _is_ray_error(e: BaseException) -> bool:
 _ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Exit)): (.+)$")
 
 
-def _root_cause(e: BaseException) -> str:
+def root_cause(e: BaseException) -> str:
     """One line for the user. Ray's errors carry the remote traceback in their text: its last
     `SomeError: message` line is where it started (e.g. an actor's constructor)."""
     text = ANSI.sub("", str(e))
@@ -346,15 +326,14 @@ def _dict_to_row(d: dict[str, Any]) -> PromptRow:
 
 
 class _Generate:
-    """One Ray Data actor: the model loaded once, then Batcher + Engine on each batch of rows."""
+    """One Ray Data actor: the model loaded once, then the pipeline's LocalDecoder (Batcher +
+    Engine) on each batch of rows."""
 
     def __init__(self, *, model_path: str, fingerprint: str, model_name: str, defaults: Any, device: str | None,
                  ctx_device: str | None, den_device: str | None, dtype: str | None, max_batch_rows: int,
                  max_batch_tokens: int, threads: int, fault: str | None = None):
         import torch
 
-        from .batcher import Batcher, BatchPolicy
-        from .engine import Engine
         from .model.checkpoint import fingerprint as checkpoint_fingerprint
         from .model.checkpoint import load_model, place_towers_on_devices
         from .model.tokenizer import load_tokenizer
@@ -365,37 +344,30 @@ class _Generate:
         model = load_model(model_path, device=ctx_device or device, dtype=dtype).eval()
         if ctx_device or den_device:
             place_towers_on_devices(model, ctx_device or "cpu", den_device or ctx_device or "cpu")
-        tok = load_tokenizer(model_path)
-        self.cfg = RunConfig(source="", out_dir=Path("."), model=model, tokenizer=tok, model_name=model_name,
-                             model_fingerprint=fingerprint, defaults=defaults)
-        self.batcher = lambda window: Batcher(tok, defaults, model.config.max_position_embeddings,
-                                              BatchPolicy(window=window), vocab_size=model.config.vocab_size)
-        self.engine = Engine(model, max_batch_rows=max_batch_rows, max_batch_tokens=max_batch_tokens)
+        cfg = RunConfig(source="", out_dir=Path("."), model=model, tokenizer=load_tokenizer(model_path),
+                        model_name=model_name, model_fingerprint=fingerprint, defaults=defaults,
+                        max_batch_rows=max_batch_rows, max_batch_tokens=max_batch_tokens)
+        self.decoder = LocalDecoder(cfg)
+        self.no_signals = Signals(Progress())  # never installed: the driver handles signals
         self.fault = fault.split(":", 1) if fault else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [_dict_to_row(d) for d in batch.to_pylist()]
-        before = dict(self.engine.counters)
+        before = dict(self.decoder.counters)
         kinds: list[str] = []
         payloads: list[bytes] = []
-
-        def requests():
-            # The whole batch is one length-sorted window: rows of similar length prefill together.
-            for item in self.batcher(max(1, len(rows)))(rows):
-                if isinstance(item, RejectedRow):
-                    kinds.append("rejected")
-                    payloads.append(orjson.dumps(item.to_dict()))
-                    continue
-                yield item
-
-        for res in self.engine.run(requests()):
-            rec = _record(res, self.cfg)
-            rec["created_at"] = datetime.now(timezone.utc)
-            rec["_steps"] = res.stats.steps
+        # The whole batch is one length-sorted window: rows of similar length prefill together.
+        self.decoder.batcher.policy = BatchPolicy(window=max(1, len(rows)))
+        for item in self.decoder.decode(rows, self.no_signals, lambda _id: False):
+            if isinstance(item, RejectedRow):
+                kinds.append("rejected")
+                payloads.append(orjson.dumps(item.to_dict()))
+                continue
+            rec = {**item.record, "created_at": datetime.now(timezone.utc), "_steps": item.steps}
             kinds.append("row")
             payloads.append(orjson.dumps(rec))
         kinds.append("counters")
-        payloads.append(orjson.dumps({k: self.engine.counters[k] - before.get(k, 0) for k in _COUNTERS}))
+        payloads.append(orjson.dumps({k: self.decoder.counters[k] - before.get(k, 0) for k in _COUNTERS}))
         self._maybe_fail(rows)
         return pa.Table.from_pydict({"kind": kinds, "payload": payloads}, schema=_OUT_SCHEMA)
 

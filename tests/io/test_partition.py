@@ -11,8 +11,8 @@ import orjson
 import pyarrow.dataset as ds
 import pytest
 
-from twotower_cli.io.manifest import FingerprintMismatch, LockError, RunDir, RunDirError, errors_name, manifest_name
 from twotower_cli.io.partition import Partition, from_flags, parse_tag, shard_of
+from twotower_cli.io.rundir import FingerprintMismatch, Layout, LockError, RunDir, RunDirError
 from twotower_cli.io.schema import PromptRow, RejectedRow
 from twotower_cli.io.stats import read_run, render_summary
 from twotower_cli.io.writer import read_errors
@@ -83,7 +83,7 @@ def test_two_tasks_one_directory_union_and_resume(tmp_path):
     s = read_run(out)
     assert s["rows"] == 40 and s["rejected"] == 2 and s["complete"] is True
     assert s["fingerprint"]["num_shards"] == 2 and "tasks       2 of 2 complete" in render_summary(s)
-    assert len(list(read_errors(out / errors_name(p1.tag)))) == 1
+    assert len(list(read_errors(out / Layout(p1.tag).errors))) == 1
     # resume of task 1 sees only its own done ids, and nothing is written twice
     rd = RunDir(out, FP, partition=p1)
     assert rd.done_ids == {str(i) for i in ids if shard_of(str(i), 2) == 1}
@@ -151,13 +151,13 @@ def test_overwrite_clears_conflicting_layouts_keeps_same_settings(tmp_path):
     new = {**FP, "decode": {"gamma": 0.5}}
     # task 0 of a job array rerun with new settings and --overwrite: task 1's old files go too
     write_task(out, Partition(0, 2), range(20), fp=new, overwrite=True)
-    assert not (out / manifest_name("s0001-of-0002")).exists()
+    assert not (out / Layout("s0001-of-0002").manifest).exists()
     assert sorted(all_ids(out), key=int) == [str(i) for i in range(20) if shard_of(str(i), 2) == 0]
     # task 1 with --overwrite too (every task of the array gets the same flags): task 0's new
     # files have its settings and stay
     write_task(out, Partition(1, 2), range(20), fp=new, overwrite=True)
     assert sorted(all_ids(out), key=int) == [str(i) for i in range(20)]
-    m = orjson.loads((out / manifest_name("s0000-of-0002")).read_bytes())
+    m = orjson.loads((out / Layout("s0000-of-0002").manifest).read_bytes())
     assert m["fingerprint"]["decode"]["gamma"] == 0.5
     # an unpartitioned --overwrite replaces the whole partitioned run
     write_task(out, None, range(5), fp=new, overwrite=True)
@@ -169,7 +169,7 @@ def test_task_files_without_manifest_refused(tmp_path):
     out = tmp_path / "out"
     write_task(out, Partition(0, 2), range(10))
     write_task(out, Partition(1, 2), range(10))
-    (out / manifest_name("s0001-of-0002")).unlink()
+    (out / Layout("s0001-of-0002").manifest).unlink()
     with pytest.raises(RunDirError, match=r"task s0001-of-0002 without a readable \.manifest-s0001-of-0002\.json"):
         RunDir(out, FP, partition=Partition(0, 2))
 

@@ -15,10 +15,11 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from twotower_cli.io.manifest import (
+from twotower_cli.io.rundir import (
     ERRORS,
     MANIFEST,
     FingerprintMismatch,
+    Layout,
     LockError,
     RunDir,
     RunDirError,
@@ -79,7 +80,7 @@ def test_crash_leftovers_recovered(tmp_path):
         for i in range(5):
             run.add(rec(i))
     # part-00001: renamed (committed) but the process died before updating the manifest.
-    with ShardWriter(out, start_index=1) as w:
+    with ShardWriter(out, names=Layout(), start_index=1) as w:
         for i in range(5, 9):
             w.add(rec(i))
     # .part-00002.parquet.tmp: a shard being written when the process died (truncated bytes).
@@ -213,11 +214,11 @@ def test_loads_with_hf_datasets(tmp_path, monkeypatch):
     assert sorted(d["id"]) == [str(i) for i in range(5)]
 
 
-# ---- locking (real processes) --------------------------------------------------------------------
+# ---- locking (real processes: marked slow) --------------------------------------------------------------------
 
 CHILD = textwrap.dedent("""
     import sys, time
-    from twotower_cli.io.manifest import RunDir, LockError
+    from twotower_cli.io.rundir import RunDir, LockError
     out, action = sys.argv[1], sys.argv[2]
     fp = {"model": {"name": "tiny", "checkpoint": "sha256:0123"}, "mode": "diffusion", "gamma": 0.8,
           "block_size": 16}
@@ -246,6 +247,7 @@ def _child(*args: str, **kw) -> subprocess.Popen:
                             env=env, **kw)
 
 
+@pytest.mark.slow
 def test_lock_refuses_second_process_and_names_pid(tmp_path):
     out = tmp_path / "out"
     with RunDir(out, FP):
@@ -259,6 +261,7 @@ def test_lock_refuses_second_process_and_names_pid(tmp_path):
     assert p.communicate(timeout=60)[0].startswith("OPENED")
 
 
+@pytest.mark.slow
 def test_stale_lock_of_killed_process_is_taken_over(tmp_path):
     out = tmp_path / "out"
     p = _child(str(out), "hold")
@@ -276,6 +279,7 @@ def test_stale_lock_of_killed_process_is_taken_over(tmp_path):
     run.close()
 
 
+@pytest.mark.slow
 def test_kill_9_mid_write_loses_and_duplicates_nothing(tmp_path):
     out = tmp_path / "out"
     p = _child(str(out), "write")

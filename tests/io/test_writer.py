@@ -10,6 +10,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from twotower_cli.io.rundir import Layout
 from twotower_cli.io.schema import (
     COLUMN_NAMES,
     META_FINGERPRINT,
@@ -20,6 +21,8 @@ from twotower_cli.io.schema import (
     output_schema,
 )
 from twotower_cli.io.writer import ErrorLog, ShardWriter, read_errors
+
+NAMES = Layout()  # the unpartitioned run's names
 
 
 def rec(i: int | str, **kw) -> dict:
@@ -40,7 +43,8 @@ def visible(d) -> list[str]:
 
 def test_shards_roll_at_rows_per_shard_with_row_groups(tmp_path):
     committed = []
-    w = ShardWriter(tmp_path, {"k": "v"}, rows_per_shard=10, row_group_rows=4, on_commit=committed.append)
+    w = ShardWriter(tmp_path, {"k": "v"}, rows_per_shard=10, row_group_rows=4, names=NAMES,
+                    on_commit=committed.append)
     for i in range(25):
         w.add(rec(i))
         # while a shard is open only its hidden .tmp exists, never a partial part-*.parquet
@@ -62,7 +66,7 @@ def test_shards_roll_at_rows_per_shard_with_row_groups(tmp_path):
 
 
 def test_schema_types_and_metadata(tmp_path):
-    with ShardWriter(tmp_path, {META_FINGERPRINT: '{"gamma":0.8}'}) as w:
+    with ShardWriter(tmp_path, {META_FINGERPRINT: '{"gamma":0.8}'}, names=NAMES) as w:
         w.add(rec("a"))
         w.add(rec("b", mode="ar", gamma=None, tokens_per_step=1, latency_s=1))  # ints -> float64
     f = tmp_path / "part-00000.parquet"
@@ -106,7 +110,7 @@ def test_check_record_fills_created_at_and_nulls():
 
 
 def test_duplicate_id_refused(tmp_path):
-    w = ShardWriter(tmp_path, rows_per_shard=2, done={"old"})
+    w = ShardWriter(tmp_path, names=NAMES, rows_per_shard=2, done={"old"})
     with pytest.raises(ValueError, match="already written"):
         w.add(rec("old"))
     w.add(rec(1))
@@ -119,7 +123,7 @@ def test_duplicate_id_refused(tmp_path):
 
 
 def test_flush_commits_partial_shard_and_close_is_idempotent(tmp_path):
-    w = ShardWriter(tmp_path, rows_per_shard=100)
+    w = ShardWriter(tmp_path, names=NAMES, rows_per_shard=100)
     assert w.flush() is None  # nothing buffered: no empty shard
     w.add(rec(1))
     info = w.flush()
@@ -133,7 +137,7 @@ def test_flush_commits_partial_shard_and_close_is_idempotent(tmp_path):
 
 
 def test_empty_shard_is_a_valid_parquet_file(tmp_path):
-    w = ShardWriter(tmp_path)
+    w = ShardWriter(tmp_path, names=NAMES)
     w.write_empty_shard()
     w.close()
     t = ds.dataset(tmp_path, format="parquet").to_table()
@@ -141,7 +145,7 @@ def test_empty_shard_is_a_valid_parquet_file(tmp_path):
 
 
 def test_write_failure_discards_open_shard(tmp_path, monkeypatch):
-    w = ShardWriter(tmp_path, rows_per_shard=10, row_group_rows=2)
+    w = ShardWriter(tmp_path, names=NAMES, rows_per_shard=10, row_group_rows=2)
     w.add(rec(1))
 
     def boom(*a, **k):
@@ -159,7 +163,7 @@ def test_write_failure_discards_open_shard(tmp_path, monkeypatch):
 
 
 def test_exception_inside_with_block_still_commits_complete_rows(tmp_path):
-    with pytest.raises(KeyboardInterrupt), ShardWriter(tmp_path) as w:
+    with pytest.raises(KeyboardInterrupt), ShardWriter(tmp_path, names=NAMES) as w:
         w.add(rec(1))
         raise KeyboardInterrupt
     assert pq.read_table(tmp_path / "part-00000.parquet")["id"].to_pylist() == ["1"]
@@ -204,7 +208,7 @@ def test_errorlog_torn_file_without_any_newline(tmp_path):
 
 def test_pyarrow_table_roundtrip_matches_schema(tmp_path):
     """Committed shards concatenate without any cast: one stable schema for every shard."""
-    with ShardWriter(tmp_path, rows_per_shard=1) as w:
+    with ShardWriter(tmp_path, names=NAMES, rows_per_shard=1) as w:
         w.add(rec(1))
         w.add(rec(2, mode=None, finish_reason="length"))
     tables = [pq.read_table(tmp_path / n) for n in visible(tmp_path)]

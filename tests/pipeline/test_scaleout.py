@@ -2,7 +2,8 @@
 
 The job-array tests and the driver's commit logic run without Ray. The tests marked `ray` start
 one local Ray instance for the module (`ray.init(num_cpus=2)`, real worker processes, no
-local_mode) and skip when the `ray` extra is not installed; deselect them with `-m "not ray"`.
+local_mode) and skip when the `ray` extra is not installed; deselect them with `-m "not ray"`
+(they are also marked `slow`).
 Everything runs on a random tiny checkpoint with 8 new tokens per row.
 """
 
@@ -23,10 +24,9 @@ import pytest
 from typer.testing import CliRunner
 
 from twotower_cli.cli import app
-from twotower_cli.io.manifest import RunDir
 from twotower_cli.io.partition import Partition, shard_of
-from twotower_cli.pipeline import Progress
-from twotower_cli.ray_pipeline import FAULT_ENV, actor_placement, consume
+from twotower_cli.pipeline import RunConfig, generate
+from twotower_cli.ray_pipeline import FAULT_ENV, RayDecoder, RayOptions, actor_placement
 
 FAST = ["--block", "4", "--max-new-tokens", "8", "--max-batch-rows", "4", "-q"]
 RAY = ["--ray", "--ray-actors", "2", "--ray-batch-rows", "4"]
@@ -162,7 +162,7 @@ def test_actor_gpus_and_devices_follow_the_placement():
 
 
 def test_ray_error_becomes_one_line():
-    from twotower_cli.ray_pipeline import _root_cause
+    from twotower_cli.ray_pipeline import root_cause
 
     class ActorDiedError(Exception):
         pass
@@ -171,12 +171,13 @@ def test_ray_error_becomes_one_line():
             "\x1b[39m (pid=1)\nTraceback (most recent call last):\n  File \"x.py\", line 1, in __init__\n"
             "RuntimeError: the checkpoint at /m on this node differs from the driver's\n")
     want = "RuntimeError: the checkpoint at /m on this node differs from the driver's"
-    assert _root_cause(ActorDiedError(text)) == want
-    assert _root_cause(ActorDiedError("lost\nnode")) == "ActorDiedError: lost node"
+    assert root_cause(ActorDiedError(text)) == want
+    assert root_cause(ActorDiedError("lost\nnode")) == "ActorDiedError: lost node"
 
 
 def test_driver_commit_drops_redelivered_rows(tmp_path):
-    """A retried Ray task whose first attempt also delivered: the driver keeps one copy."""
+    """A retried Ray task whose first attempt also delivered: the driver keeps one copy. The
+    actors' batches are replayed through RayDecoder.unpack and the shared run loop, without Ray."""
 
     def batch(*ids):
         recs = [{"id": i, "prompt": "p", "completion": "c", "created_at": "2026-01-01T00:00:00+00:00",
@@ -187,14 +188,26 @@ def test_driver_commit_drops_redelivered_rows(tmp_path):
             orjson.dumps({"denoiser_calls": 3})]
         return pa.table({"kind": kinds, "payload": payloads})
 
-    prog, counters, info = Progress(), {k: 0 for k in ("prefill_calls", "prefill_tokens", "prefill_padded_tokens",
-                                                         "denoiser_calls", "context_calls")}, {"duplicates_dropped": 0}
-    with RunDir(tmp_path / "out", {"m": 1}, rows_per_shard=2) as rd:
-        consume([batch("a", "b", "c"), batch("b", "c", "d")], rd, prog, counters, info, 300.0, None)
-        rd.close(complete=True)
-    assert prog.rows == 4 and info["duplicates_dropped"] == 2 and counters["denoiser_calls"] == 6
+    class Replay(RayDecoder):
+        def __enter__(self):  # no Ray to join
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def decode(self, rows, signals, is_done):
+            for b in (batch("a", "b", "c"), batch("b", "c", "d")):
+                yield from self.unpack(b, is_done)
+
+    src = tmp_path / "empty.jsonl"
+    src.write_bytes(b"")
+    cfg = RunConfig(source=str(src), out_dir=tmp_path / "out", model=None, tokenizer=None, model_name="m",
+                    model_fingerprint="f", rows_per_shard=2)
+    s = generate(cfg, Replay(None, cfg, RayOptions(model_path=tmp_path), lambda _m: None))
+    assert s["rows_written"] == 4 and s["ray"]["duplicates_dropped"] == 2 and s["denoiser_calls"] == 6
+    assert s["exit_code"] == 0 and s["complete"] and "error" not in s
     assert sorted(rows_by_id(tmp_path / "out")) == ["a", "b", "c", "d"]
-    assert prog.rejected == 2  # the same reject delivered twice is logged once (ErrorLog dedup)
+    assert s["rows_rejected"] == 2  # the same reject delivered twice is logged once (ErrorLog dedup)
     assert len((tmp_path / "out" / ".errors.jsonl").read_text().splitlines()) == 1
 
 
@@ -210,6 +223,7 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's own, on import
 def test_ray_two_actors_equal_local_and_resume_a_partial_run(ray_local, model_dir, source, local_out, tmp_path):
@@ -227,6 +241,7 @@ def test_ray_two_actors_equal_local_and_resume_a_partial_run(ray_local, model_di
     assert s2["rows_written"] == 0 and s2["rows_skipped_done"] == N_ROWS and s2["ray"]["batches"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's own, on import
 def test_ray_actor_killed_mid_run_every_id_once(ray_local, model_dir, source, local_out, tmp_path, monkeypatch):

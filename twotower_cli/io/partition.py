@@ -7,7 +7,7 @@ salted per process), so N tasks that each read the whole input select disjoint s
 the input, and a rerun of task I selects exactly the same rows.
 
 Every shard of a partitioned run writes into the same output directory under names tagged with
-`s<I>-of-<N>` (see `io.manifest` for the layout), so nothing two tasks write can collide, and
+`s<I>-of-<N>` (see `io.rundir` for the layout), so nothing two tasks write can collide, and
 `part-*.parquet` still globs every shard for duckdb, polars and `datasets`.
 """
 

@@ -17,6 +17,8 @@ from typing import Any, Literal
 import orjson
 import pyarrow as pa
 
+from ..errors import UserError
+
 # Bump when a column is added, removed or changes type; readers compare it before mixing shards.
 SCHEMA_VERSION = "1"
 META_SCHEMA_VERSION = "twotower.schema_version"
@@ -25,7 +27,7 @@ META_FINGERPRINT = "twotower.fingerprint"
 SourceFormat = Literal["jsonl", "openai", "parquet"]
 
 
-class InputError(Exception):
+class InputError(UserError):
     """The input as a whole cannot be read (missing file, not Parquet, no prompt column).
 
     Distinct from `RejectedRow`: one bad row never stops a run, an unreadable source does (exit 2).
@@ -77,12 +79,10 @@ class RejectedRow:
 _STR, _F64, _I64 = pa.string(), pa.float64(), pa.int64()
 _TS = pa.timestamp("us", tz="UTC")
 
-# (name, type, nullable). Statistics are nullable because a mode may not define one (AR has no γ
-# in effect) and because "unknown" must not be faked as 0.
-COLUMNS: list[tuple[str, pa.DataType, bool]] = [
-    ("id", _STR, False),
-    ("prompt", _STR, False),
-    ("completion", _STR, False),
+# The per-row statistics: the engine's `Stats` (engine.request) has an attribute of each name, and
+# the pipeline copies them into the record by name. (name, type, nullable): nullable because a
+# mode may not define one (AR has no γ in effect) and because "unknown" must not be faked as 0.
+_STATS: list[tuple[str, pa.DataType, bool]] = [
     ("mode", _STR, True),
     ("gamma", _F64, True),
     ("block_size", _I64, True),
@@ -97,6 +97,14 @@ COLUMNS: list[tuple[str, pa.DataType, bool]] = [
     ("blocks", _I64, True),
     ("finish_reason", _STR, True),
     ("latency_s", _F64, True),
+]
+STATS_COLUMNS = tuple(name for name, _, _ in _STATS)
+# Every output column, in order: the row, its completion, its statistics, and where it came from.
+COLUMNS: list[tuple[str, pa.DataType, bool]] = [
+    ("id", _STR, False),
+    ("prompt", _STR, False),
+    ("completion", _STR, False),
+    *_STATS,
     ("model", _STR, True),
     ("created_at", _TS, False),
 ]

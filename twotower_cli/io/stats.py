@@ -20,8 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import MODES
-from .manifest import ERRORS_RE, MANIFEST_RE
-from .writer import ANY_SHARD_RE, read_errors
+from .rundir import ANY_SHARD_RE, ERRORS_RE, MANIFEST_RE
+from .writer import read_errors
 
 # Tokens-per-step bins: AR and mock-AR sit at exactly 1; diffusion spreads up to the block size.
 TPS_EDGES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)

@@ -1,12 +1,13 @@
-"""Durable output: Parquet shards committed by rename, and the .errors.jsonl sidecar.
+"""Durable output: Parquet shards committed by rename, and the errors sidecar.
 
-A shard is written as `.part-NNNNN.parquet.tmp` (a leading dot, and not ending in .parquet, so no
-loader ever sees it), closed, fsynced, renamed to `part-NNNNN.parquet` and the directory fsynced.
-The rename is the commit point: a committed shard is a complete Parquet file that survives power
-loss, and anything not yet renamed is disposable (its rows are not done and will be regenerated).
+A shard is written under a temporary name (`.part-NNNNN.parquet.tmp`: a leading dot, and not
+ending in .parquet, so no loader ever sees it), closed, fsynced, renamed to its final name
+(`part-NNNNN.parquet`) and the directory fsynced. The rename is the commit point: a committed
+shard is a complete Parquet file that survives power loss, and anything not yet renamed is
+disposable (its rows are not done and will be regenerated).
 
-A shard of a partitioned run (`--num-shards N --shard-index I`, see io.partition) carries its
-partition's tag in its name: `part-s0003-of-0008-00000.parquet`, so N writers never collide.
+The writer owns no names: it is given them (`ShardNames`, in practice io.rundir's `Layout` of the
+run or of one partition task), so the directory's naming lives in one place.
 
 Neither class is thread-safe or reentrant. In particular do not call `flush()` from inside a
 signal handler that may interrupt `add()`: set a flag there and flush from the main loop.
@@ -15,64 +16,27 @@ signal handler that may interrupt `add()`: set a flag there and flush from the m
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .durable import fsync_dir, fsync_path
 from .schema import RejectedRow, check_record, output_schema
 
-SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")  # the unpartitioned layout; group 1: the index
-# Every shard of any layout: `tag` is None for an unpartitioned shard.
-ANY_SHARD_RE = re.compile(r"^part-(?:(?P<tag>s\d{4,}-of-\d{4,})-)?(?P<index>\d{5,})\.parquet$")
-TMP_SUFFIX = ".tmp"
 
+class ShardNames(Protocol):
+    """The names a ShardWriter writes under (io.rundir.Layout is one)."""
 
-def shard_re(tag: str | None = None) -> re.Pattern[str]:
-    """The shard names of one layout (group 1: the index): SHARD_RE, or those of partition `tag`."""
-    return SHARD_RE if tag is None else re.compile(rf"^part-{re.escape(tag)}-(\d{{5,}})\.parquet$")
+    def shard(self, index: int) -> str:
+        """The committed name of shard `index`."""
 
-
-def shard_name(index: int, tag: str | None = None) -> str:
-    return f"part-{index:05d}.parquet" if tag is None else f"part-{tag}-{index:05d}.parquet"
-
-
-def tmp_name(name: str) -> str:
-    return f".{name}{TMP_SUFFIX}"
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file by path (works on a read-only fd on Linux/macOS)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename/unlink in `path` durable: on POSIX the directory entry is data of its own."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a crash leaves either the old or the new content."""
-    tmp = path.with_name(tmp_name(path.name))
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    def tmp(self, name: str) -> str:
+        """The name a file is written under until it is renamed to `name`."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +53,7 @@ class ShardInfo:
 class ShardWriter:
     """Streams validated records into size-bounded Parquet shards (zstd, several row groups).
 
+    Shard `i` is committed as `names.shard(i)`, written as `names.tmp(names.shard(i))` until then.
     Memory is one row group of records plus the ids of the open shard. `done` (optional) is a set
     of ids already committed: adding one of them, or an id already in the open shard, raises
     ValueError, so a pipeline bug can never write a row twice. Committed ids are added to it.
@@ -102,10 +67,10 @@ class ShardWriter:
         rows_per_shard: int = 10_000,
         row_group_rows: int = 1_000,
         *,
+        names: ShardNames,
         start_index: int = 0,
         done: set[str] | None = None,
         on_commit: Callable[[ShardInfo], None] | None = None,
-        tag: str | None = None,
     ):
         if rows_per_shard < 1 or row_group_rows < 1:
             raise ValueError("rows_per_shard and row_group_rows must be positive")
@@ -114,7 +79,7 @@ class ShardWriter:
         self.rows_per_shard = rows_per_shard
         self.row_group_rows = min(row_group_rows, rows_per_shard)
         self.next_index = start_index
-        self.tag = tag  # a partition's tag in every shard name (see shard_name)
+        self.names = names
         self.done = done if done is not None else set()
         self.on_commit = on_commit
         self.committed: list[ShardInfo] = []
@@ -212,8 +177,8 @@ class ShardWriter:
 
     # ---- internals ------------------------------------------------------------------------------
     def _open(self) -> None:
-        name = shard_name(self.next_index, self.tag)
-        self._tmp = self.out_dir / tmp_name(name)
+        name = self.names.shard(self.next_index)
+        self._tmp = self.out_dir / self.names.tmp(name)
         self._pq = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
 
     def _write_row_group(self) -> None:
@@ -234,7 +199,7 @@ class ShardWriter:
         self._pq.close()
         self._pq = None
         fsync_path(self._tmp)
-        name = shard_name(self.next_index, self.tag)
+        name = self.names.shard(self.next_index)
         final = self.out_dir / name
         os.replace(self._tmp, final)  # the commit point
         self._tmp = None
@@ -251,7 +216,8 @@ class ShardWriter:
 
 
 class ErrorLog:
-    """Append-only `.errors.jsonl`: one JSON object per rejected row, deduplicated across resumes.
+    """An append-only errors file (`.errors.jsonl`, named by io.rundir): one JSON object per
+    rejected row, deduplicated across resumes.
 
     Durability: each line is written with one write() call and flushed to the OS at once (so
     `tail -f` sees it); fsync happens in `sync()`, which RunDir calls at every shard commit and at

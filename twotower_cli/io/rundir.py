@@ -1,11 +1,14 @@
-"""One output directory = one run: lock, fingerprint, done ids, and crash recovery on open.
+"""One output directory = one run: its file names, lock, fingerprint, done ids, crash recovery.
 
-Layout of `out/`:
+This module is the one owner of the directory: every name in it is spelled here (`Layout`, one per
+partition task, and the patterns that recognise any layout's files), and the writer (io.writer)
+writes under the names it is given. Layout of `out/`:
     part-00000.parquet ...   committed shards: the only visible files, and the source of truth
     .manifest.json           fingerprint, shard list, counts (replaced atomically)
-    .errors.jsonl            rejected rows (see writer.ErrorLog)
+    .errors.jsonl            rejected rows (see io.writer.ErrorLog)
     .lock                    flock'ed while a run writes; holds pid/host/start for the message
     .part-00003.parquet.tmp  an uncommitted shard (only while writing, or after a crash)
+    .part-00002.parquet.corrupt  an unreadable shard set aside on open (its rows are redone)
 
 Why the sidecars are hidden: `datasets.load_dataset("parquet", data_dir=out)` reads every
 non-hidden file of the directory as Parquet (an `errors.jsonl` or `_errors.jsonl` makes it fail),
@@ -45,6 +48,7 @@ import os
 import re
 import socket
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -53,31 +57,66 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import UserError
+from .durable import atomic_write_bytes, fsync_dir
 from .partition import Partition
 from .schema import META_FINGERPRINT, SCHEMA_VERSION
-from .writer import ANY_SHARD_RE, TMP_SUFFIX, ErrorLog, ShardInfo, ShardWriter, atomic_write_bytes, fsync_dir, shard_re
+from .writer import ErrorLog, ShardInfo, ShardWriter
+
+# ---- names ----------------------------------------------------------------------------------------
 
 MANIFEST = ".manifest.json"
 ERRORS = ".errors.jsonl"
 LOCK = ".lock"
+TMP_SUFFIX = ".tmp"
+CORRUPT_SUFFIX = ".corrupt"
 MANIFEST_FORMAT = "twotower-run"
 _TAG = r"s\d{4,}-of-\d{4,}"
+# Every file of any layout: `tag` is None for the unpartitioned one.
+ANY_SHARD_RE = re.compile(rf"^part-(?:(?P<tag>{_TAG})-)?(?P<index>\d{{5,}})\.parquet$")
 MANIFEST_RE = re.compile(rf"^\.manifest(?:-(?P<tag>{_TAG}))?\.json$")
 ERRORS_RE = re.compile(rf"^\.errors(?:-(?P<tag>{_TAG}))?\.jsonl$")
 LOCK_RE = re.compile(rf"^\.lock(?:-(?P<tag>{_TAG}))?$")
 OPEN_WAIT_S = 60.0  # how long a partition task waits for another task's brief hold of `.lock`
 
 
-def manifest_name(tag: str | None = None) -> str:
-    return MANIFEST if tag is None else f".manifest-{tag}.json"
+@dataclass(frozen=True)
+class Layout:
+    """The names of one layout's files: the unpartitioned run's (`tag` None) or those of one
+    partition task (`tag` = `s0003-of-0008`, see io.partition)."""
 
+    tag: str | None = None
 
-def errors_name(tag: str | None = None) -> str:
-    return ERRORS if tag is None else f".errors-{tag}.jsonl"
+    @property
+    def manifest(self) -> str:
+        return MANIFEST if self.tag is None else f".manifest-{self.tag}.json"
 
+    @property
+    def errors(self) -> str:
+        return ERRORS if self.tag is None else f".errors-{self.tag}.jsonl"
 
-def lock_name(tag: str | None = None) -> str:
-    return LOCK if tag is None else f".lock-{tag}"
+    @property
+    def lock(self) -> str:
+        return LOCK if self.tag is None else f".lock-{self.tag}"
+
+    def shard(self, index: int) -> str:
+        return f"part-{index:05d}.parquet" if self.tag is None else f"part-{self.tag}-{index:05d}.parquet"
+
+    @property
+    def shard_re(self) -> re.Pattern[str]:
+        """This layout's shard names; group 1: the index."""
+        prefix = "" if self.tag is None else f"{re.escape(self.tag)}-"
+        return re.compile(rf"^part-{prefix}(\d{{5,}})\.parquet$")
+
+    @staticmethod
+    def tmp(name: str) -> str:
+        """`.NAME.tmp`: where NAME is written until its rename commits it."""
+        return f".{name}{TMP_SUFFIX}"
+
+    @staticmethod
+    def corrupt(name: str) -> str:
+        """`.NAME.corrupt`: where an unreadable shard NAME is set aside (no loader reads it)."""
+        return f".{name}{CORRUPT_SUFFIX}"
 
 
 _NOT_OURS = object()
@@ -86,7 +125,7 @@ _NOT_OURS = object()
 def scope_of(entry: str) -> str | None | object:
     """Which layout a directory entry belongs to: None (unpartitioned), a partition tag, or
     _NOT_OURS. A temporary or set-aside file (`.NAME.tmp`, `.NAME.corrupt`) belongs to NAME's."""
-    for suffix in (TMP_SUFFIX, ".corrupt"):
+    for suffix in (TMP_SUFFIX, CORRUPT_SUFFIX):
         if entry.startswith(".") and entry.endswith(suffix) and len(entry) > len(suffix) + 1:
             return scope_of(entry[1: -len(suffix)])
     for rx in (ANY_SHARD_RE, MANIFEST_RE, ERRORS_RE, LOCK_RE):
@@ -95,7 +134,7 @@ def scope_of(entry: str) -> str | None | object:
     return _NOT_OURS
 
 
-class RunDirError(Exception):
+class RunDirError(UserError):
     """The output directory cannot be used for this run (the CLI exits 2 with this one line)."""
 
 
@@ -247,17 +286,18 @@ class RunDir:
         # A partition of one is the whole input: the unpartitioned layout.
         self.partition = partition if partition is not None and partition.count > 1 else None
         self.tag = self.partition.tag if self.partition else None
+        self.layout = Layout(self.tag)
         if self.partition:
             fingerprint = {**fingerprint, "num_shards": self.partition.count}
         self.fingerprint = normalize_fingerprint(fingerprint)
-        self.manifest_path = self.out_dir / manifest_name(self.tag)
+        self.manifest_path = self.out_dir / self.layout.manifest
         self.notes: list[str] = []
         self.done_ids: set[str] = set()
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RunDirError(f"cannot create {self.out_dir}: {e.strerror or e}") from None
-        self._lock = RunLock(self.out_dir, lock_name(self.tag))
+        self._lock = RunLock(self.out_dir, self.layout.lock)
         self._lock.acquire(what=f"task {self.tag} of another run" if self.tag else "another run")
         dir_lock = None
         try:
@@ -269,16 +309,16 @@ class RunDir:
                     s = lk.stale
                     self.notes.append(f"took over the lock of pid {s.get('pid')} on {s.get('host')}, which is gone")
             self._open(overwrite)
-            self.errors = ErrorLog(self.out_dir / errors_name(self.tag))
+            self.errors = ErrorLog(self.out_dir / self.layout.errors)
             self.writer = ShardWriter(
                 self.out_dir,
                 {META_FINGERPRINT: orjson.dumps(self.fingerprint, option=orjson.OPT_SORT_KEYS).decode()},
                 rows_per_shard,
                 row_group_rows,
+                names=self.layout,
                 start_index=self._next_index,
                 done=self.done_ids,
                 on_commit=self._on_commit,
-                tag=self.tag,
             )
         except BaseException:
             self._lock.release()
@@ -340,7 +380,7 @@ class RunDir:
         manifest, bad_manifest = self._load_manifest(own)
         ours = {e for e in entries if scope[e] == own}
         mine = self.manifest_path.name
-        lock = lock_name(own)
+        lock = self.layout.lock
         # Other layouts' entries (other tasks, or the unpartitioned layout), by layout.
         others: dict[str | None, set[str]] = {}
         for e in entries:
@@ -348,7 +388,7 @@ class RunDir:
                 others.setdefault(scope[e], set()).add(e)
         # Hidden entries that are not ours (.DS_Store, .nfs*) are invisible to loaders: ignore them.
         foreign = [e for e in entries if scope[e] is _NOT_OURS and not e.startswith(".")]
-        any_manifest = manifest is not None or any(manifest_name(sc) in names for sc, names in others.items())
+        any_manifest = manifest is not None or any(Layout(sc).manifest in names for sc, names in others.items())
         if any_manifest and any(e.endswith(".parquet") for e in foreign):
             self.notes.append("other *.parquet files in the directory will be picked up by dataset loaders")
         if manifest is None:
@@ -368,20 +408,20 @@ class RunDir:
         # reads N manifests in all, not N x N, while each holds `.lock`.
         conflicts, checked = [], False
         for sc, names in sorted(others.items(), key=lambda kv: kv[0] or ""):
-            if not names - {lock_name(sc)}:
+            if not names - {Layout(sc).lock}:
                 continue  # only a lock file: that layout never wrote anything (or was cleared)
             if overwrite:
                 m = self._load_manifest(sc)[0]
                 if m is None or self._incompatible(m):
                     conflicts.append(sc)
                 continue
-            if checked and manifest_name(sc) in names:
+            if checked and Layout(sc).manifest in names:
                 continue
             m = self._load_manifest(sc)[0]
             if m is None:
                 raise RunDirError(
                     f"{self.out_dir} holds twotower outputs of {_layout(sc)} without a readable "
-                    f"{manifest_name(sc)} ({', '.join(sorted(names)[:2])}); pass --overwrite"
+                    f"{Layout(sc).manifest} ({', '.join(sorted(names)[:2])}); pass --overwrite"
                 )
             if not checked:
                 self._check_compatible(m)
@@ -389,7 +429,7 @@ class RunDir:
         if overwrite:
             cleared = 0
             for sc in conflicts:
-                cleared += self._clear_layout(sc, sorted(others[sc] - {lock_name(sc)}))
+                cleared += self._clear_layout(sc, sorted(others[sc] - {Layout(sc).lock}))
             if ours - {lock}:
                 cleared += self._clear_layout(own, sorted(ours - {lock, mine}))
                 manifest = None
@@ -429,7 +469,7 @@ class RunDir:
             raise FingerprintMismatch(self.out_dir, diffs)
 
     def _load_manifest(self, tag: str | None = None) -> tuple[dict[str, Any] | None, str | None]:
-        p = self.out_dir / manifest_name(tag)
+        p = self.out_dir / Layout(tag).manifest
         try:
             m = orjson.loads(p.read_bytes())
         except FileNotFoundError:
@@ -446,10 +486,10 @@ class RunDir:
         resumable state. Another task's files are removed under that task's lock."""
         lock = None
         if tag is not None and tag != self.tag:
-            lock = RunLock(self.out_dir, lock_name(tag))
+            lock = RunLock(self.out_dir, Layout(tag).lock)
             lock.acquire(what=f"task {tag} of another run")
         try:
-            m = manifest_name(tag)
+            m = Layout(tag).manifest
             for n in sorted(names, key=lambda n: n == m):
                 (self.out_dir / n).unlink(missing_ok=True)
             fsync_dir(self.out_dir)
@@ -461,7 +501,7 @@ class RunDir:
     def _recover_shards(self) -> None:
         """Rebuild done ids from this layout's committed shards; reconcile the manifest's shard list."""
         listed = {s["name"]: s for s in self._manifest.get("shards", [])}
-        rx = shard_re(self.tag)
+        rx = self.layout.shard_re
         present = sorted(e for e in os.listdir(self.out_dir) if rx.match(e))
         indices = [int(m.group(1)) for n in (*present, *listed) if (m := rx.match(n))]
         self._next_index = max(indices, default=-1) + 1
@@ -472,7 +512,7 @@ class RunDir:
                 with pq.ParquetFile(path) as pf:  # the id column only: fast even for big shards
                     ids = pf.read(columns=["id"]).column("id").to_pylist()
             except (pa.ArrowException, OSError, KeyError, ValueError) as e:
-                aside = path.with_name(f".{name}.corrupt")
+                aside = path.with_name(Layout.corrupt(name))
                 os.replace(path, aside)
                 fsync_dir(self.out_dir)
                 self.notes.append(f"{name} is unreadable ({e}); moved to {aside.name}, its rows will be redone")
@@ -500,7 +540,8 @@ class RunDir:
         m["rows"] = sum(s["rows"] for s in m["shards"])
         m["rejected"] = self.errors.count if hasattr(self, "errors") else m.get("rejected", 0)
         m["updated_at"] = _now()
-        atomic_write_bytes(self.manifest_path, orjson.dumps(m, option=orjson.OPT_INDENT_2))
+        atomic_write_bytes(self.manifest_path, orjson.dumps(m, option=orjson.OPT_INDENT_2),
+                           self.manifest_path.with_name(Layout.tmp(self.manifest_path.name)))
 
 
 def _layout(tag: str | None | object) -> str:
