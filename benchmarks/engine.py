@@ -44,6 +44,10 @@ class CountingModel:
         self.context_calls += 1
         return self.m.context_extend(*a, **k)
 
+    def prefill(self, *a, **k):  # one batched context forward (the engine's prefill)
+        self.context_calls += 1
+        return self.m.prefill(*a, **k)
+
 
 def run_reference(model, prompts, params, B, eos):
     fn = {"ar": ref.generate_ar, "mock-ar": ref.generate_mock_ar, "diffusion": ref.generate_mask_diffusion}

@@ -31,9 +31,14 @@ from twotower_kernels.confidence import (
 from twotower_kernels.ssd import ssd_ref  # noqa: E402
 
 gpu = pytest.mark.gpu
-needs_interpreter = pytest.mark.skipif(
+_interpreter = pytest.mark.skipif(
     not (kernels.HAS_TRITON and kernels.interpreting()), reason="needs triton and TRITON_INTERPRET=1 (no CUDA)"
 )
+
+
+def needs_interpreter(test):
+    """Triton kernels run in the CPU interpreter: slow (outside the `-m "not slow"` loop)."""
+    return pytest.mark.slow(_interpreter(test))
 needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and kernels.HAS_TRITON), reason="needs CUDA + triton")
 
 MASK = 3
@@ -108,6 +113,7 @@ def test_dispatch_cpu_needs_interpreter(monkeypatch):
         assert kernels.backend("cpu") == "triton"
 
 
+@pytest.mark.slow  # a subprocess
 def test_imports_without_extras_and_cpu_default_stays_torch():
     """A fresh interpreter: the CPU default path never imports triton; with triton hidden the
     package still imports, reports HAS_TRITON False and decodes."""

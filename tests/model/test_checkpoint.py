@@ -383,6 +383,7 @@ def test_info_errors_are_one_line_exit_2(args, saved):
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # a subprocess
 def test_info_bad_checkpoint_in_a_real_process(saved):
     _truncate(saved)
     p = subprocess.run([sys.executable, "-m", "twotower_cli", "info", str(saved)], capture_output=True, text=True,

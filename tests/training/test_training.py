@@ -120,6 +120,7 @@ def test_denoiser_starts_equal_to_the_context_tower():
     torch.testing.assert_close(timed, ar, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # trains both stages
 def test_training_smoke_and_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = TwoTower(micro_config(), seed=0)
