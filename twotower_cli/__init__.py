@@ -9,19 +9,12 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 try:
     __version__ = _version("twotower-cli")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
-
-# The generation API (load_model, TwoTowerForGeneration) lives in engine.generation once that
-# module exists; until then load_model comes from model.checkpoint.
-# (Asked of the file system: finding the module through importlib would import engine/, and torch.)
-_ENGINE = Path(__file__).parent / "engine"
-_HAS_GENERATION = (_ENGINE / "generation.py").is_file() or (_ENGINE / "generation" / "__init__.py").is_file()
 
 # public name -> module it lives in
 _LAZY: dict[str, str] = {
@@ -34,10 +27,9 @@ _LAZY: dict[str, str] = {
     "load_tokenizer": ".model.tokenizer",
     "TowerState": ".model.twotower",
     "TwoTower": ".model.twotower",
-    "load_model": ".engine.generation" if _HAS_GENERATION else ".model.checkpoint",
+    "TwoTowerForGeneration": ".engine.generation",  # the model with the release's generate_* API
+    "load_model": ".engine.generation",  # returns a TwoTowerForGeneration
 }
-if _HAS_GENERATION:
-    _LAZY["TwoTowerForGeneration"] = ".engine.generation"
 
 __all__ = [
     "CheckpointError",
@@ -46,15 +38,13 @@ __all__ = [
     "ModelConfig",
     "TowerState",
     "TwoTower",
+    "TwoTowerForGeneration",
     "__version__",
     "load_model",
     "load_tokenizer",
     "place_towers_on_devices",
     "save_pretrained",
 ]
-if _HAS_GENERATION:
-    __all__ += ["TwoTowerForGeneration"]
-
 
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
@@ -71,6 +61,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; never executed
     from .config import ConfigError, DecodeParams, ModelConfig
-    from .model.checkpoint import CheckpointError, load_model, place_towers_on_devices, save_pretrained
+    from .engine.generation import TwoTowerForGeneration, load_model
+    from .model.checkpoint import CheckpointError, place_towers_on_devices, save_pretrained
     from .model.tokenizer import load_tokenizer
     from .model.twotower import TowerState, TwoTower

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ModelConfig
+from ..errors import UserError
 from .twotower import TwoTower
 
 SINGLE_FILE = "model.safetensors"
@@ -41,7 +42,7 @@ ASSET_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 DeviceLike = str | torch.device
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint directory that cannot be loaded; the message is one line, meant for users."""
 
 
