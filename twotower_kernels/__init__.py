@@ -23,112 +23,30 @@ and a chunked scan over a seeded short block is what docs/SPEC.md warns about.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
-
-import torch
 from torch import Tensor
 
+from . import confidence, ssd
+from .dispatch import (
+    BLOCK_SCAN_MAX,
+    ENV,
+    HAS_CUDA,
+    HAS_TRITON,
+    MODES,
+    KernelUnavailable,
+    backend,
+    force,
+    interpreting,
+    load_triton,
+    requested,
+)
+
 __all__ = [
-    "BLOCK_SCAN_MAX", "HAS_CUDA", "HAS_TRITON", "KernelUnavailable", "backend",
-    "block_scan", "force", "interpreting", "load_triton", "propose", "requested",
+    "BLOCK_SCAN_MAX", "ENV", "HAS_CUDA", "HAS_TRITON", "MODES", "KernelUnavailable", "backend",
+    "block_scan", "confidence", "force", "interpreting", "load_triton", "propose", "requested", "ssd",
 ]
 
-MODES = ("auto", "ref", "triton")
-ENV = "TWOTOWER_KERNELS"
 
-# The token-by-token Triton scan is meant for the denoiser's short blocks (S = 16 by default);
-# longer sequences (prefill) keep the chunked torch scan, whose work is parallel over the chunk.
-BLOCK_SCAN_MAX = 64
-
-
-def _found(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-HAS_CUDA: bool = torch.cuda.is_available()
-HAS_TRITON: bool = _found("triton")
-
-
-class KernelUnavailable(RuntimeError):
-    """A kernel path was asked for explicitly but cannot run here."""
-
-
-_forced: str | None = None
-
-
-def requested() -> str:
-    """The mode asked for: `force(...)` if active, else $TWOTOWER_KERNELS, else 'auto'."""
-    mode = _forced or os.environ.get(ENV, "").strip().lower() or "auto"
-    if mode not in MODES:
-        raise ValueError(f"{ENV}={mode!r}: expected one of {', '.join(MODES)}")
-    return mode
-
-
-@contextmanager
-def force(mode: str) -> Iterator[None]:
-    """Select a path for the duration of a `with` block (tests): 'ref', 'triton' or 'auto'."""
-    global _forced
-    if mode not in MODES:
-        raise ValueError(f"force({mode!r}): expected one of {', '.join(MODES)}")
-    previous, _forced = _forced, mode
-    try:
-        yield
-    finally:
-        _forced = previous
-
-
-def interpreting() -> bool:
-    """True when Triton's CPU interpreter is switched on (it must be set before kernels are built)."""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _triton_blocker(device: torch.device) -> str | None:
-    """Why Triton cannot run on `device`, or None when it can."""
-    if not HAS_TRITON:
-        return "triton is not installed"
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu":
-        return None if interpreting() else "CPU tensors need TRITON_INTERPRET=1 (set before importing triton)"
-    return f"no Triton path for {device.type} tensors"
-
-
-def backend(device: torch.device | str) -> str:
-    """'triton' or 'ref': the path a kernel call on tensors of `device` takes now."""
-    mode = requested()
-    if mode == "ref":
-        return "ref"
-    device = torch.device(device)
-    blocker = _triton_blocker(device)
-    if mode == "triton":
-        if blocker:
-            raise KernelUnavailable(f"Triton kernels were forced but {blocker}")
-        return "triton"
-    return "triton" if blocker is None and device.type == "cuda" else "ref"
-
-
-_triton_modules: tuple[Any, Any] | None = None
-
-
-def load_triton() -> tuple[Any, Any]:
-    """(triton, triton.language), imported on first use."""
-    global _triton_modules
-    if _triton_modules is None:
-        if not HAS_TRITON:
-            raise KernelUnavailable("triton is not installed (pip install 'twotower-cli[gpu]')")
-        _triton_modules = (importlib.import_module("triton"), importlib.import_module("triton.language"))
-    return _triton_modules
-
-
-# -- the kernels, dispatched (named unlike their modules, which become package attributes) ---------
+# -- the kernels, dispatched (named unlike their modules, which are package attributes) -------------
 
 
 def propose(
@@ -136,15 +54,11 @@ def propose(
     mask_id: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Proposed token and its temperature-1 probability per position; see `confidence.confidence_ref`."""
-    from . import confidence as mod
-
-    fn = mod.confidence_triton if backend(logits.device) == "triton" else mod.confidence_ref
+    fn = confidence.confidence_triton if backend(logits.device) == "triton" else confidence.confidence_ref
     return fn(logits, temperature, seed, key, pos, step, mask_id)
 
 
 def block_scan(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
     """Seeded Mamba-2 scan over a short block; see `ssd.ssd_ref` for shapes."""
-    from . import ssd as mod
-
-    fn = mod.ssd_triton if backend(x.device) == "triton" else mod.ssd_ref
+    fn = ssd.ssd_triton if backend(x.device) == "triton" else ssd.ssd_ref
     return fn(x, dt, A, Bm, Cm, state)

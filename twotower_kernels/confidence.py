@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import load_triton
+from .dispatch import load_triton
 
 _M32 = 0xFFFFFFFF
 

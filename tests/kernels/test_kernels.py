@@ -92,7 +92,7 @@ def test_dispatch_auto_and_overrides(monkeypatch):
 def test_dispatch_without_triton(monkeypatch):
     """Triton absent: auto falls back to the ref everywhere; forcing Triton says why it cannot."""
     monkeypatch.delenv(kernels.ENV, raising=False)
-    monkeypatch.setattr(kernels, "HAS_TRITON", False)
+    monkeypatch.setattr(kernels.dispatch, "HAS_TRITON", False)  # where backend() reads it
     assert kernels.backend("cuda") == "ref"
     assert kernels.backend("cpu") == "ref"
     with kernels.force("triton"), pytest.raises(kernels.KernelUnavailable, match="not installed"):
@@ -129,6 +129,7 @@ args = (torch.tensor([0.0, 1.0]), torch.tensor([1, 2]), torch.tensor([3, 4]), to
 choose(logits, *args)
 assert k.backend("cpu") == "ref" and "triton" not in sys.modules
 sys.modules["triton"] = None  # hide it, as on a machine without the gpu extra
+importlib.reload(k.dispatch)
 importlib.reload(k)
 assert not k.HAS_TRITON and k.backend("cuda") == "ref"
 choose(logits, *args)
