@@ -254,9 +254,25 @@ def ssd_block(x: Tensor, dt: Tensor, A: Tensor, Bg: Tensor, Cg: Tensor, state: T
     Ch = Cg[:, :, None].expand(Bsz, G, rep, n, -1).reshape(Bsz, nh, n, -1)  # (B, nh, n, N)
     Bh = Bg[:, :, None].expand(Bsz, G, rep, n, -1).reshape(Bsz, nh, n, -1)
     y = M @ xdt + (Ch @ state.transpose(2, 3)) * torch.exp(a)[..., None]  # (B, nh, n, P)
+    return y.transpose(1, 2), _block_end_state(state, a, xdt, Bh)
+
+
+def _block_end_state(state: Tensor, a: Tensor, xdt: Tensor, Bh: Tensor) -> Tensor:
+    """The state after a block: a (B, nh, n) cumulative log-decay, xdt (B, nh, n, P), Bh (B, nh, n, N)."""
     to_end = torch.exp(a[..., -1:] - a)[..., None]  # (B, nh, n, 1) decay from each token to the end
-    state = state * torch.exp(a[..., -1])[..., None, None] + (xdt * to_end).transpose(2, 3) @ Bh
-    return y.transpose(1, 2), state
+    return state * torch.exp(a[..., -1])[..., None, None] + (xdt * to_end).transpose(2, 3) @ Bh
+
+
+def ssd_state(x: Tensor, dt: Tensor, A: Tensor, Bg: Tensor, state: Tensor) -> Tensor:
+    """Only the state after a block (no outputs), B per group as in `ssd_block`. With dt zeroed
+    from position m on, it is the state after the first m tokens: how a verify forward of S
+    tokens rolls back to the m it keeps without running the tower again."""
+    Bsz, n, nh, P = x.shape
+    G = Bg.shape[2]
+    a = torch.cumsum(dt * A, dim=1).transpose(1, 2)  # (B, nh, n)
+    xdt = (x * dt[..., None]).transpose(1, 2)  # (B, nh, n, P)
+    Bh = Bg.transpose(1, 2)[:, :, None].expand(Bsz, G, nh // G, n, -1).reshape(Bsz, nh, n, -1)
+    return _block_end_state(state, a, xdt, Bh)
 
 
 def causal_conv(full: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -299,6 +315,7 @@ class Mamba2(nn.Module):
         ssm_state: Tensor,
         n_valid: Tensor | None = None,
         scan: str = "chunked",
+        keep: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """h (B, n, H) continuing from conv_state (B, C, K-1) and ssm_state (B, nh, P, N) fp32.
 
@@ -308,6 +325,8 @@ class Mamba2(nn.Module):
         the dispatch picks Triton, i.e. on CUDA; "chunked" otherwise). Under "chunked"/"auto",
         blocks of at most SEQUENTIAL_MAX tokens take the sequential recurrence and blocks that fit
         one chunk take `ssd_block` (BLOCK_SCAN); "sequential" always means the recurrence.
+        keep: filled with what `rollback` needs to return the states after any prefix of the block
+        (the conv window, the scan's inputs and the state before the block; no state per token).
         """
         cfg = self.cfg
         Bsz, n, _ = h.shape
@@ -330,6 +349,8 @@ class Mamba2(nn.Module):
         if n_valid is not None:
             dt = dt * (torch.arange(n, device=h.device)[None, :] < n_valid[:, None])[..., None]
         A = -torch.exp(self.A_log.float())
+        if keep is not None:
+            keep.update(full=full, x=x, dt=dt, A=A, Bg=Bg, ssm=ssm_state)
         ours = scan in ("chunked", "auto")
         short = ours and n <= self.SEQUENTIAL_MAX
         triton = scan == "auto" and not short and n <= kernels.BLOCK_SCAN_MAX and kernels.backend(x.device) == "triton"
@@ -346,6 +367,18 @@ class Mamba2(nn.Module):
         y = y + x * self.D.float()[:, None]
         y = self.norm(y.reshape(Bsz, n, cfg.d_inner), gate=z)
         return self.out_proj(y.to(h.dtype)), new_conv.to(conv_state.dtype), new_ssm
+
+    @staticmethod
+    def rollback(kept: dict[str, Tensor], m: Tensor, conv_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(conv state, ssm state) after the first m[b] tokens (1 <= m <= n) of the block whose
+        forward filled `kept`: the window is a slice of the saved one, the SSM state the block's
+        scan rerun with dt zeroed from m on (exact: a zero step changes nothing)."""
+        full, dt = kept["full"], kept["dt"]
+        n, K1 = dt.shape[1], full.shape[2] - dt.shape[1]
+        cols = m[:, None] + torch.arange(K1, device=m.device)  # (B, K-1)
+        conv = full.gather(2, cols[:, None, :].expand(-1, full.shape[1], -1)).to(conv_dtype)
+        live = (torch.arange(n, device=m.device)[None, :] < m[:, None])[..., None]  # (B, n, 1)
+        return conv, ssd_state(kept["x"], dt * live, kept["A"], kept["Bg"], kept["ssm"].float())
 
 
 class Attention(nn.Module):
@@ -484,8 +517,10 @@ class Tower(nn.Module):
         self.norm_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
 
     # -- the context tower: causal, reads into the state ----------------------------------------
-    def extend(self, ids: Tensor, state: TowerState, n_valid: Tensor | None = None, scan: str = "chunked") -> Tensor:
+    def extend(self, ids: Tensor, state: TowerState, n_valid: Tensor | None = None, scan: str = "chunked",
+               keep: dict[int, dict[str, Tensor]] | None = None) -> Tensor:
         """Read `ids` (B, n) (row b: its first n_valid[b]) after what `state` holds; update `state`.
+        keep: filled per Mamba layer with what `rollback` needs (see `Mamba2.forward`).
 
         Returns the final hidden states (B, n, H) after norm_f.
         """
@@ -509,7 +544,8 @@ class Tower(nn.Module):
             x = layer.norm(h)
             if layer.kind == "mamba":
                 y, state.conv[i], state.ssm[i] = layer.mixer(
-                    x, state.conv[i], state.ssm[i], n_valid if ragged else None, scan
+                    x, state.conv[i], state.ssm[i], n_valid if ragged else None, scan,
+                    None if keep is None else keep.setdefault(i, {}),
                 )
             elif layer.kind == "attention":
                 q, k, v = layer.mixer.qkv(x)
@@ -525,6 +561,14 @@ class Tower(nn.Module):
             h = h + y
         state.lengths = start + n_valid
         return self.norm_f(h)
+
+    def rollback(self, state: TowerState, kept: dict[int, dict[str, Tensor]], start: Tensor, m: Tensor) -> None:
+        """Undo all but the first m[b] tokens of the last `extend` (which filled `kept`, from
+        lengths `start`): attention needs only the length (K/V past it are masked and later
+        overwritten), each Mamba layer its state at m (`Mamba2.rollback`). No forward runs."""
+        for i, k in kept.items():
+            state.conv[i], state.ssm[i] = Mamba2.rollback(k, m, state.conv[i].dtype)
+        state.lengths = start + m
 
     # -- the denoiser tower: a block over the context state, optionally time-modulated ----------
     def denoise(self, ids: Tensor, state: TowerState, mod: Tensor | None, scan: str = "chunked") -> Tensor:
@@ -637,15 +681,18 @@ class TwoTower(nn.Module):
 
     # -- the two towers' entry points -----------------------------------------------------------
     def context_extend(
-        self, ids: Tensor, state: TowerState, n_valid: Tensor | None = None, logits: bool = False,
-        scan: str = "chunked",
+        self, ids: Tensor, state: TowerState, n_valid: Tensor | None = None, logits: bool | str = False,
+        scan: str = "chunked", keep: dict[int, dict[str, Tensor]] | None = None,
     ) -> Tensor | None:
         """The context tower reads ids (B, n) into `state`. With logits=True returns the
-        context head's logits (B, V) fp32 at each row's last real token."""
+        context head's logits (B, V) fp32 at each row's last real token; with logits="all" at every
+        position (B, n, V). keep: see `Tower.extend` (for `context_rollback`)."""
         dev = self.context_tower.embeddings.weight.device
-        h = self.context_tower.extend(ids.to(dev), state, None if n_valid is None else n_valid.to(dev), scan)
+        h = self.context_tower.extend(ids.to(dev), state, None if n_valid is None else n_valid.to(dev), scan, keep)
         if not logits:
             return None
+        if logits == "all":
+            return self.context_lm_head(h).float()
         if n_valid is None:
             last = torch.full((ids.shape[0],), ids.shape[1] - 1, device=dev)
         else:
@@ -666,6 +713,12 @@ class TwoTower(nn.Module):
         state = self.new_state(len(prompts))
         out = self.context_extend(ids.to(dev), state, n_valid=torch.tensor(lens, device=dev), logits=logits, scan=scan)
         return state, out
+
+    def context_rollback(self, state: TowerState, kept: dict[int, dict[str, Tensor]], start: Tensor,
+                         m: Tensor) -> None:
+        """Keep only the first m (B,) tokens of the last `context_extend(..., keep=kept)` (see
+        `Tower.rollback`)."""
+        self.context_tower.rollback(state, kept, start, m.to(start.device))
 
     def context_logits(self, ids: Tensor) -> Tensor:
         """Full causal forward from an empty state: logits (B, n, V). For tests and training."""
