@@ -16,7 +16,7 @@ from typing import Any
 from .errors import UserError
 
 LAYER_KINDS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
-MODES = ("diffusion", "mock-ar", "ar")
+MODES = ("diffusion", "mock-ar", "ar", "speculative")
 
 
 class ConfigError(UserError, ValueError):

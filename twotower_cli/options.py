@@ -57,7 +57,8 @@ Source = Annotated[str, typer.Argument(
 Out = Annotated[Path, typer.Option(
     "--out", "-o", metavar="DIR", rich_help_panel=IO, help="Output directory (Parquet shards; resumable).")]
 Mode = Annotated[str, typer.Option(
-    "--mode", metavar="MODE", rich_help_panel=DECODING, help="Decoding mode: diffusion, mock-ar or ar.")]
+    "--mode", metavar="MODE", rich_help_panel=DECODING,
+    help="Decoding mode: diffusion, mock-ar, ar or speculative (AR's exact output, faster).")]
 Gamma = Annotated[float, typer.Option(
     "--gamma", metavar="GAMMA", rich_help_panel=DECODING,
     help="Confidence threshold γ in [0, 1]: lower commits more tokens per step (faster, lower quality).")]

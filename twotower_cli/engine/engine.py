@@ -4,7 +4,8 @@ engine step is
     schedule  refill free slots: the scheduler picks the next rows, the runner prefills them in
               one batched forward
     commit    one batched context-tower forward per token count for the rows that committed
-              something: diffusion rows whose block completed read S tokens, AR / mock-AR rows one
+              something: diffusion rows whose block completed read S tokens, AR / mock-AR rows one,
+              speculative rows have their drafted block verified (and rolled back to what AR keeps)
     denoise   one batched denoiser forward per group of rows mid-block (diffusion: then the
               threshold commit rule per row), or choosing their next token (mock-AR)
     retire    rows whose output is decided (EOS or their limit) leave at once, freeing their slots
@@ -89,7 +90,7 @@ class Engine:
     def _commit_and_denoise(rows: list[Row], sched: Scheduler, runner: Runner) -> None:
         committing = sched.committing(rows)
         runner.reserve(committing)
-        commits = sched.by_commit_width(committing)
+        commits = sched.by_commit(committing)
         if runner.overlap and committing:  # committing rows sit out this denoiser step
             runner.commit_while_denoising(commits, sched.denoising(rows))
         else:

@@ -33,7 +33,9 @@ class Stats:
     """How one row was decoded. The output columns of the same names (io.schema) are these.
 
     `steps` is the one definition of a decoding step (docs/SPEC.md): a denoiser forward the row
-    took part in (diffusion, mock-AR), or a context-tower forward that chose a token (AR).
+    took part in (diffusion, mock-AR, speculative's drafts), or a context-tower forward that chose
+    a token (AR). A speculative row's verify forwards are counted in `context_forwards`, and
+    `accepted_per_round` is the tokens each verify committed (accepted drafts + AR's own token).
     `tokens_per_step` = completion_tokens / steps, the completion as written (cut after the first
     EOS, the EOS counted; `decoded_tokens` also counts what the cut dropped).
     """
@@ -52,6 +54,7 @@ class Stats:
     blocks: int
     finish_reason: str  # "eos" or "length"
     latency_s: float
+    accepted_per_round: float | None = None  # speculative: tokens committed per verify forward
 
     @property
     def steps(self) -> int:

@@ -4,7 +4,10 @@
                    └──────────────(output decided: EOS or the token limit)──────────────> DONE
 
 AR rows never denoise: their token comes from the context tower's logits, so they go COMMIT ->
-COMMIT until DONE. The transitions live here, in plain Python; the tensors live in the runner.
+COMMIT until DONE. Speculative rows draft a block [pending token, S-1 masks] with the denoiser
+(DENOISE), then the context tower verifies it (COMMIT): the drafts AR agrees with and AR's own next
+token are kept, the context state is rolled back to what it keeps, and the next draft starts.
+The transitions live here, in plain Python; the tensors live in the runner.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from ..config import DecodeParams
@@ -39,6 +43,8 @@ class Row:
     nfe: int = 0  # denoiser forwards
     ctx: int = 1  # context-tower forwards (the prefill is the first)
     blocks: int = 0
+    rounds: int = 0  # speculative: verify forwards
+    round_tokens: int = 0  # speculative: tokens those verifies committed (accepted drafts + AR's token)
 
     @property
     def p(self) -> DecodeParams:
@@ -47,11 +53,26 @@ class Row:
     @property
     def commit_width(self) -> int:
         """Tokens the context tower reads at this row's next commit."""
-        return self.p.block_size if self.p.mode == "diffusion" else 1
+        return self.p.block_size if self.p.mode in ("diffusion", "speculative") else 1
+
+    @property
+    def block_start(self) -> int:
+        """Output position of the block's first token (keys its sampling noise). A speculative
+        block starts with the pending token, the last one decided."""
+        return len(self.out) - (self.p.mode == "speculative")
+
+    @property
+    def noise_step(self) -> int:
+        """Diffusion keys noise by step; speculative drafts with AR's own noise (step 0), which
+        makes a sampled draft more likely to be what AR samples."""
+        return self.k if self.p.mode == "diffusion" else 0
 
     def commit_ids(self) -> list[int]:
         """What the context tower reads now. Mock-AR: the token the denoiser read last step (the
-        denoiser reads each token at its own position before the context tower does)."""
+        denoiser reads each token at its own position before the context tower does).
+        Speculative: the drafted block, to verify."""
+        if self.p.mode == "speculative":
+            return self.xt.tolist()
         if self.p.mode == "diffusion":
             return self.out[-self.p.block_size:]
         if self.p.mode == "mock-ar":
@@ -65,13 +86,44 @@ class Row:
         self.phase = Phase.DENOISE if self.p.mode != "ar" else Phase.COMMIT
 
     def take(self, token: int, eos: set[int]) -> None:
-        """AR / mock-AR: the chosen next token."""
+        """AR / mock-AR: the chosen next token (speculative: AR's first token, from the prefill)."""
         self.out.append(token)
-        self.phase = Phase.DONE if ended(self.out, self.p.max_new_tokens, eos, new=1) else Phase.COMMIT
+        if ended(self.out, self.p.max_new_tokens, eos, new=1):
+            self.phase = Phase.DONE
+        elif self.p.mode == "speculative":
+            self._draft_from(token)
+        else:
+            self.phase = Phase.COMMIT
+
+    def _draft_from(self, pending: int) -> None:
+        """A new speculative block: the pending token (decided, not yet read by the context
+        tower), then masks for the denoiser to draft."""
+        self.xt = torch.full((self.p.block_size,), self.p.mask_token_id, dtype=torch.long)
+        self.xt[0] = pending
+        self.k = 0
+        self.phase = Phase.DENOISE
+
+    def verified(self, accepted: list[int], token: int, eos: set[int]) -> None:
+        """Speculative: the drafts AR agreed with, then AR's own token (at the first disagreement,
+        or after the whole block). The context tower has kept the pending token and `accepted`."""
+        self.out.extend(accepted)
+        self.out.append(token)
+        self.ctx += 1
+        self.rounds += 1
+        self.round_tokens += len(accepted) + 1
+        if ended(self.out, self.p.max_new_tokens, eos, new=len(accepted) + 1):
+            self.phase = Phase.DONE
+        else:
+            self._draft_from(token)
 
     def denoised(self, block: Tensor, complete: bool, mask: int, eos: set[int]) -> None:
-        """Diffusion: the block after one denoiser step (S,) on the CPU; `complete`: no mask left."""
+        """Diffusion / speculative: the block after one denoiser step (S,) on the CPU; `complete`:
+        no mask left (a speculative draft then goes to the verify)."""
         self.xt, self.k, self.nfe = block, self.k + 1, self.nfe + 1
+        if self.p.mode == "speculative":
+            if complete:
+                self.phase = Phase.COMMIT
+            return
         if complete:
             self.out.extend(block.tolist())
             self.blocks += 1
@@ -91,5 +143,6 @@ class Row:
             completion_tokens=len(tokens), decoded_tokens=len(self.out), denoiser_steps=self.nfe,
             context_forwards=self.ctx, blocks=self.blocks, finish_reason=reason,
             latency_s=time.perf_counter() - self.started,
+            accepted_per_round=self.round_tokens / self.rounds if self.rounds else None,
         )
         return Result(id=self.req.id, tokens=tokens, stats=stats, meta=self.req.meta)

@@ -54,7 +54,7 @@ class Runner:
         denoiser reads it first)."""
         now = time.perf_counter()
         prompts = [r.prompt_ids[:-1] if r.params.mode == "mock-ar" else r.prompt_ids for r in reqs]
-        want = any(r.params.mode == "ar" for r in reqs)
+        want = any(r.params.mode in ("ar", "speculative") for r in reqs)
         c = self.counters
         c["prefill_calls"] += 1
         c["prefill_tokens"] += sum(len(p) for p in prompts)
@@ -67,7 +67,7 @@ class Runner:
                 row.xt = torch.full((row.p.block_size,), row.p.mask_token_id, dtype=torch.long)
             elif row.p.mode == "mock-ar":
                 row.last = row.req.prompt_ids[-1]
-        ar = [b for b, r in enumerate(rows) if r.p.mode == "ar"]
+        ar = [b for b, r in enumerate(rows) if r.p.mode in ("ar", "speculative")]  # AR's first token
         if ar:
             self._take_next([rows[b] for b in ar], logits[ar])
         return rows
@@ -78,13 +78,18 @@ class Runner:
         if rows:
             self.pool.reserve(max(int(self.pool.state.lengths[r.slot]) + r.commit_width for r in rows))
 
-    def commit(self, groups: dict[int, list[Row]]) -> None:
-        """The context tower reads what each row committed: one forward per token count."""
-        for n, g in groups.items():
-            self._commit(g, n)
+    def commit(self, groups: dict[tuple[str, int], list[Row]]) -> None:
+        """The context tower reads what each row committed (or verifies its draft): one forward
+        per group."""
+        for (kind, n), g in groups.items():
+            if kind == "verify":
+                self._verify(g, n)
+            else:
+                self._commit(g, n)
         self.counters["context_calls"] += len(groups)
 
-    def commit_while_denoising(self, commits: dict[int, list[Row]], denoise: dict[tuple, list[Row]]) -> None:
+    def commit_while_denoising(self, commits: dict[tuple[str, int], list[Row]],
+                               denoise: dict[tuple, list[Row]]) -> None:
         """Overlap: the commits run on the worker thread while the denoiser steps `denoise`."""
         job = self.worker.submit(self.commit, commits)
         try:
@@ -94,7 +99,7 @@ class Runner:
 
     def denoise(self, groups: dict[tuple, list[Row]]) -> None:
         for key, g in groups.items():
-            if key[0] == "diffusion":
+            if key[0] == "block":
                 self._denoise_block(g, key[2])
             else:
                 self._denoise_next(g)
@@ -114,13 +119,38 @@ class Runner:
         if ar:
             self._take_next([g[i] for i in ar], logits[ar])
 
+    def _verify(self, g: list[Row], S: int) -> None:
+        """Speculative: the context tower reads each drafted block [pending, d1 .. d(S-1)] with
+        logits at every position; AR's token at each position is what AR mode would choose there
+        (same rule, same noise). Drafts are kept while they equal AR's; AR's token follows (the
+        correction, or the bonus after a fully accepted block). The state is rolled back to the
+        pending token plus the accepted drafts, with no second forward."""
+        slots = [r.slot for r in g]
+        ids = torch.tensor([r.commit_ids() for r in g], device=self.device)  # (B, S)
+        state = self.pool.view(slots)
+        start = state.lengths.clone()
+        kept: dict = {}
+        logits = self.model.context_extend(ids, state, logits="all", scan=self.scan, keep=kept)  # (B, S, V)
+        dev = logits.device
+        steps = torch.zeros(len(g), dtype=torch.long, device=dev)
+        ar, _ = choose(logits, *_row_tensors(g, dev), _positions(g, S, dev), steps)  # (B, S)
+        agree = (ids[:, 1:].to(dev) == ar[:, :-1]).long().cumprod(1)  # (B, S-1) drafts AR agrees with so far
+        accepted = agree.sum(1)  # (B,)
+        self.model.context_rollback(state, kept, start, 1 + accepted)
+        self.pool.write_back(slots, state, start, S)
+        for r, a, block, choice in zip(g, accepted.tolist(), ids.tolist(), ar.tolist()):
+            r.verified(block[1 : 1 + a], choice[a], self.eos)
+
     def _denoise_block(self, g: list[Row], mask: int) -> None:
-        """One denoiser step for rows mid-block, then the threshold commit rule per row."""
+        """One denoiser step for blocks in progress (diffusion blocks, speculative drafts), then
+        the threshold commit rule per row."""
         dev = self.den_device
         state = self.pool.den_view([r.slot for r in g])
         xt = torch.stack([r.xt for r in g]).to(dev)  # (B, S)
         S = xt.shape[1]
         masked = xt == mask
+        if any(r.p.mode == "speculative" for r in g):  # a pending token is decided, even if it is the mask id
+            masked[:, 0] &= torch.tensor([r.p.mode != "speculative" for r in g], device=dev)
         t = masked.float().mean(1)  # (B,) per row
         logits = self.model.denoise(xt, state, t, scan=self.scan)  # (B, S, V)
         self.counters["denoiser_calls"] += 1
@@ -128,9 +158,11 @@ class Runner:
         k = torch.tensor([r.k for r in g], device=dev)
         T = torch.tensor([r.p.steps_per_block for r in g], device=dev)
         gamma = torch.tensor([r.p.gamma for r in g], dtype=torch.float32, device=dev)
-        pred, conf = choose(logits, *_row_tensors(g, dev), _positions(g, S, dev), k)
-        xt = torch.where(commit_mask(conf, masked, gamma, k, T), pred, xt)
-        complete = ~(xt == mask).any(1)
+        noise_step = torch.tensor([r.noise_step for r in g], device=dev)
+        pred, conf = choose(logits, *_row_tensors(g, dev), _block_positions(g, S, dev), noise_step)
+        take = commit_mask(conf, masked, gamma, k, T)
+        xt = torch.where(take, pred, xt)
+        complete = ~(masked & ~take).any(1)
         for r, x, c in zip(g, xt.cpu(), complete.tolist()):
             r.denoised(x, c, mask, self.eos)
 
@@ -170,7 +202,13 @@ def _row_tensors(rows: list[Row], dev: torch.device) -> tuple[Tensor, Tensor, Te
 
 
 def _positions(rows: list[Row], width: int, dev: torch.device) -> Tensor:
-    """Absolute output positions (B, width) of the tokens being chosen (they key the noise)."""
+    """Absolute output positions (B, width) of the next tokens to choose (they key the noise)."""
     base = torch.tensor([len(r.out) for r in rows], dtype=torch.long, device=dev)
+    return base[:, None] + torch.arange(width, device=dev)
+
+
+def _block_positions(rows: list[Row], width: int, dev: torch.device) -> Tensor:
+    """Absolute output positions (B, width) of a block's tokens (speculative: from the pending one)."""
+    base = torch.tensor([r.block_start for r in rows], dtype=torch.long, device=dev)
     return base[:, None] + torch.arange(width, device=dev)
 

@@ -7,7 +7,8 @@ in the batcher's length order and decides:
                padded-token budget of one batched prefill, and closed early when the next row
                would push the padding past `max_padding` (rows arrive length-sorted, so this rarely
                splits a batch; it stops a short row and a long one from sharing a prefill)
-    commit     rows in Phase.COMMIT: the context tower must read what they committed
+    commit     rows in Phase.COMMIT: the context tower must read what they committed (or, for a
+               speculative row, verify its draft), grouped by what can share one forward
     denoise    rows in Phase.DENOISE, grouped by what can share one denoiser forward
 """
 
@@ -60,19 +61,21 @@ class Scheduler:
 
     @staticmethod
     def denoising(rows: list[Row]) -> dict[tuple, list[Row]]:
-        """Rows that take a denoiser step, by forward: ("diffusion", S, mask id) blocks, ("mock-ar",)."""
+        """Rows that take a denoiser step, by forward: ("block", S, mask id) for diffusion blocks
+        and speculative drafts (the same forward and commit rule), ("mock-ar",)."""
         groups: dict[tuple, list[Row]] = {}
         for r in rows:
             if r.phase is Phase.DENOISE:
                 p = r.p
-                key = ("diffusion", p.block_size, p.mask_token_id) if p.mode == "diffusion" else ("mock-ar",)
+                key = ("mock-ar",) if p.mode == "mock-ar" else ("block", p.block_size, p.mask_token_id)
                 groups.setdefault(key, []).append(r)
         return groups
 
     @staticmethod
-    def by_commit_width(rows: list[Row]) -> dict[int, list[Row]]:
-        """Committing rows by how many tokens the context tower reads (one forward each), in slot order."""
-        groups: dict[int, list[Row]] = {}
+    def by_commit(rows: list[Row]) -> dict[tuple[str, int], list[Row]]:
+        """Committing rows by forward, in slot order: ("read", n) the context tower reads n tokens
+        of each row; ("verify", S) it reads speculative drafts with logits at every position."""
+        groups: dict[tuple[str, int], list[Row]] = {}
         for r in rows:
-            groups.setdefault(r.commit_width, []).append(r)
-        return {n: sorted(g, key=lambda r: r.slot) for n, g in groups.items()}
+            groups.setdefault(("verify" if r.p.mode == "speculative" else "read", r.commit_width), []).append(r)
+        return {key: sorted(g, key=lambda r: r.slot) for key, g in groups.items()}

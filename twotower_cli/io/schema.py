@@ -20,7 +20,7 @@ import pyarrow as pa
 from ..errors import UserError
 
 # Bump when a column is added, removed or changes type; readers compare it before mixing shards.
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: speculative mode's accepted_per_round; the AR score columns
 META_SCHEMA_VERSION = "twotower.schema_version"
 META_FINGERPRINT = "twotower.fingerprint"
 
@@ -97,6 +97,7 @@ _STATS: list[tuple[str, pa.DataType, bool]] = [
     ("blocks", _I64, True),
     ("finish_reason", _STR, True),
     ("latency_s", _F64, True),
+    ("accepted_per_round", _F64, True),  # speculative rows only: tokens committed per verify
 ]
 STATS_COLUMNS = tuple(name for name, _, _ in _STATS)
 # Every output column, in order: the row, its completion, its statistics, and where it came from.
