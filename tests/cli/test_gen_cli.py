@@ -294,13 +294,14 @@ def test_cli_tokens_equal_the_engine(model_dir, tmp_path, batch_rows):
 
     for p, m in zip(ps, modes):
         ids = tok.encode(p["prompt"])
+        stop = model.config.eos_ids  # the CLI stops at the config's EOS; the API's None never stops
         if m == "diffusion":
             full = model.generate_mask_diffusion([ids], max_new_tokens=12, block_size=4, steps_per_block=4,
-                                                 confidence_threshold=0.5)[0]
+                                                 confidence_threshold=0.5, eos_token_id=stop)[0]
         elif m == "ar":
-            full = model.generate_ar([ids], max_new_tokens=12)[0]
+            full = model.generate_ar([ids], max_new_tokens=12, eos_token_id=stop)[0]
         else:
-            full = model.generate_mock_ar([ids], max_new_tokens=12)[0]
+            full = model.generate_mock_ar([ids], max_new_tokens=12, eos_token_id=stop)[0]
         tokens = full[len(ids):]
         r = rows[p["id"]]
         assert r["prompt_tokens"] == len(ids)

@@ -135,11 +135,16 @@ def test_last_step_commits_the_rest():
     assert one(0, 4, g=0.15)[0].tolist() == [False, True, False, True, True]
 
 
-def test_commit_ties_go_to_lower_position():
+def test_commit_ties_go_to_higher_position():
+    """The release ranks with a stable ascending sort and re-masks the lowest: on an exact tie the
+    higher position is committed."""
     conf = torch.full((1, 6), 0.5)
-    masked = torch.tensor([[False, True, True, True, True, True]])
+    masked = torch.tensor([[True, True, True, True, True, False]])
     take = commit_mask(conf, masked, torch.tensor([0.9]), torch.tensor([0]), torch.tensor([3]))
-    assert take[0].tolist() == [False, True, True, False, False, False]  # ceil(5/3) = 2
+    assert take[0].tolist() == [False, False, False, True, True, False]  # ceil(5/3) = 2
+    conf[0, 1] = 0.6  # a strictly higher confidence still wins over the tie
+    take = commit_mask(conf, masked, torch.tensor([0.9]), torch.tensor([0]), torch.tensor([3]))
+    assert take[0].tolist() == [False, True, False, False, True, False]
 
 
 def test_commit_rule_matches_plain_loop():
@@ -154,7 +159,7 @@ def test_commit_rule_matches_plain_loop():
         idx = [j for j in range(S) if masked[0, j]]
         n = len(idx)
         c = n if k == T - 1 else min(max(max(sum(conf[0, j] > gamma for j in idx), 1), math.ceil(n / (T - k))), n)
-        chosen = sorted(idx, key=lambda j: (-float(conf[0, j]), j))[:c]
+        chosen = sorted(idx, key=lambda j: (-float(conf[0, j]), -j))[:c]
         assert [j for j in range(S) if take[j]] == sorted(chosen)
 
 
@@ -230,14 +235,33 @@ def test_ar_modes_stop_at_limit_and_eos(model):
 def test_release_api_returns_prompt_plus_completion(model):
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
     out = model.generate_mask_diffusion(ids, max_new_tokens=10, eos_token_id=None)
-    assert out.shape[0] == 2 and torch.equal(out[:, :4], ids)
-    assert [s.completion_tokens for s in model.last_stats] == [10, 10] or any(
-        s.finish_reason == "eos" for s in model.last_stats
-    )
+    assert out.shape == (2, 14) and torch.equal(out[:, :4], ids)
+    assert [s.completion_tokens for s in model.last_stats] == [10, 10]  # None: no early stop
     ar = model.generate_ar([[5, 6, 7]], max_new_tokens=4)
-    assert ar[0][:3] == [5, 6, 7] and len(ar[0]) <= 7
+    assert ar[0][:3] == [5, 6, 7] and len(ar[0]) == 7
     mock = model.generate_mock_ar([[5]], max_new_tokens=3)
-    assert mock[0][0] == 5
+    assert mock[0][0] == 5 and len(mock[0]) == 4
+    spec = model.generate_speculative([[5, 6, 7]], max_new_tokens=9, block_size=4, steps_per_block=4)
+    assert spec == model.generate_ar([[5, 6, 7]], max_new_tokens=9)
+
+
+def test_release_api_eos_none_never_stops_and_defaults(model):
+    """As the release: eos_token_id=None means no early stop (not the config's EOS), and the
+    generate_* methods default confidence_threshold to 0.9."""
+    import inspect
+
+    row = [9, 8, 7, 6]
+    full = model.generate_ar([row], max_new_tokens=12)[0][4:]
+    stop = full[3]  # a token this row emits: as an EOS it ends the row there
+    cut = full[: full.index(stop) + 1]
+    assert model.generate_ar([row], max_new_tokens=12, eos_token_id=stop)[0][4:] == cut
+    assert model.generate_ar([row], max_new_tokens=12, eos_token_id=[stop, 10**6])[0][4:] == cut
+    assert len(model.generate_ar([row], max_new_tokens=12, eos_token_id=None)[0]) == 16
+    for name in ("generate_mask_diffusion", "generate_speculative"):
+        assert inspect.signature(getattr(model, name)).parameters["confidence_threshold"].default == 0.9
+    d = model.generate_mask_diffusion([row], max_new_tokens=8, block_size=4, steps_per_block=4)
+    p = DecodeParams(mode="diffusion", gamma=0.9, block_size=4, steps_per_block=4, max_new_tokens=8)
+    assert d[0][4:] == ref.generate_mask_diffusion(model, [row], [p], [row_key("0")], set())[0][0]
 
 
 def test_bad_requests_are_refused(model):

@@ -33,8 +33,10 @@ def commit_mask(conf: Tensor, masked: Tensor, gamma: Tensor, k: Tensor, steps: T
 
     conf/masked (B, S); gamma (B,) float; k (B,) current step; steps (B,) T. Returns (B, S) bool.
     c = max(#(conf > gamma & masked), 1), raised to ceil(n / (T - k)), capped at n; the last step
-    commits every masked position. The c most confident masked positions are taken, ties going to
-    the lower position (a stable sort), so the result does not depend on the device or sort order.
+    commits every masked position. The c most confident masked positions are taken; on an exact
+    tie the higher position goes first, as in the released loop (which re-masks the lowest after a
+    stable ascending sort). A stable sort over the reversed positions makes this independent of the
+    device and the sort's implementation.
     """
     n = masked.sum(1)  # (B,)
     over = ((conf > gamma[:, None]) & masked).sum(1)
@@ -43,7 +45,8 @@ def commit_mask(conf: Tensor, masked: Tensor, gamma: Tensor, k: Tensor, steps: T
     c = torch.minimum(torch.maximum(c, (n + remaining - 1) // remaining), n)
     c = torch.where(k >= steps - 1, n, c)
     ranked = torch.where(masked, conf, torch.full_like(conf, -float("inf")))
-    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices  # (B, S)
+    S = conf.shape[1]
+    order = S - 1 - torch.sort(ranked.flip(1), dim=1, descending=True, stable=True).indices  # (B, S)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(conf.shape[1], device=conf.device).expand_as(order))
     return masked & (rank < c[:, None])

@@ -22,16 +22,27 @@ from .request import Request, Stats
 
 
 class TwoTowerForGeneration(TwoTower):
-    """A `TwoTower` with the release's `generate_*` methods. Per-row statistics of the last call
-    are left in `last_stats` (a list of `Stats`, one per input row)."""
+    """A `TwoTower` with the release's `generate_*` methods (same arguments and defaults:
+    `confidence_threshold` 0.9, and `eos_token_id=None` never stops a row), plus
+    `generate_speculative`. Per-row statistics of the last call are left in `last_stats` (a list
+    of `Stats`, one per input row)."""
 
     last_stats: list[Stats]
 
     def generate_mask_diffusion(self, input_ids, max_new_tokens: int = 128, block_size: int = 16,
                                 steps_per_block: int = 16, mask_token_id: int = 3, temperature: float = 0.0,
-                                confidence_threshold: float = 0.8, eos_token_id=None, **kw):
+                                confidence_threshold: float = 0.9, eos_token_id=None, **kw):
         """Block-wise mask diffusion (docs/SPEC.md). Returns prompt + generated ids per row."""
         return generate(self, input_ids, "diffusion", max_new_tokens=max_new_tokens, block_size=block_size,
+                        steps_per_block=steps_per_block, mask_token_id=mask_token_id, temperature=temperature,
+                        confidence_threshold=confidence_threshold, eos_token_id=eos_token_id, **kw)
+
+    def generate_speculative(self, input_ids, max_new_tokens: int = 128, block_size: int = 16,
+                             steps_per_block: int = 16, mask_token_id: int = 3, temperature: float = 0.0,
+                             confidence_threshold: float = 0.9, eos_token_id=None, **kw):
+        """AR's exact output, faster: the denoiser drafts each block, the context tower verifies it
+        and keeps what AR agrees with (docs/SPEC.md). Returns prompt + generated ids per row."""
+        return generate(self, input_ids, "speculative", max_new_tokens=max_new_tokens, block_size=block_size,
                         steps_per_block=steps_per_block, mask_token_id=mask_token_id, temperature=temperature,
                         confidence_threshold=confidence_threshold, eos_token_id=eos_token_id, **kw)
 
@@ -68,7 +79,7 @@ def generate(
     steps_per_block: int = 16,
     mask_token_id: int = 3,
     temperature: float = 0.0,
-    confidence_threshold: float = 0.8,
+    confidence_threshold: float = 0.9,
     eos_token_id: int | Sequence[int] | None = None,
     seed: int = 0,
     max_batch_rows: int = 32,
@@ -76,7 +87,9 @@ def generate(
     """Decode every row of `input_ids`; returns prompt + completion per row.
 
     A tensor input (B, L) gives a tensor (B, L + longest completion) padded with the pad id; a list
-    of lists gives a list of lists. Per-row statistics are left in `model.last_stats`.
+    of lists gives a list of lists. `eos_token_id=None` never stops a row early (as the release's
+    API); pass the config's `eos_ids` to stop at EOS. Per-row statistics are left in
+    `model.last_stats`.
     """
     as_tensor = isinstance(input_ids, Tensor)
     rows = input_ids.tolist() if as_tensor else [list(r) for r in input_ids]
@@ -84,7 +97,7 @@ def generate(
                           steps_per_block=steps_per_block, temperature=temperature,
                           max_new_tokens=max_new_tokens, seed=seed, mask_token_id=mask_token_id)
     if eos_token_id is None:
-        eos = model.config.eos_ids
+        eos = []  # the release's API: no EOS given, no early stop
     else:
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     engine = Engine(model, max_batch_rows=max_batch_rows, eos_ids=eos)

@@ -132,8 +132,8 @@ def generate_mask_diffusion(model: TwoTower, prompts: list[list[int]], params: l
                 else:
                     c = max(sum(1 for j in idx if conf[j] > params[b].gamma), 1)
                     c = min(max(c, math.ceil(n / (T - k))), n)
-                # highest confidence first; ties: lower position first
-                chosen = sorted(idx, key=lambda j: (-float(conf[j]), j))[:c]
+                # highest confidence first; ties: higher position first (as the release)
+                chosen = sorted(idx, key=lambda j: (-float(conf[j]), -j))[:c]
                 for j in chosen:
                     xt[b, j] = pred[j]
                 if early_exit:
