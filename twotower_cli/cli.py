@@ -138,12 +138,17 @@ def bench(
     gammas: Annotated[str, typer.Option(
         metavar="LIST", rich_help_panel=o.DECODING,
         help="Comma-separated γ values for diffusion.")] = "0.5,0.6,0.7,0.8,0.9,0.95",
+    spec_gammas: Annotated[str, typer.Option(
+        metavar="LIST", rich_help_panel=o.DECODING,
+        help="Comma-separated γ values for speculative decoding (its drafts' threshold; the output is AR's "
+             "at every γ).")] = "0.5,0.8,0.95",
     block_size: o.BlockSize = 16,
     steps_per_block: o.StepsPerBlock = 16,
     max_new_tokens: o.MaxNewTokens = 64,
-    batch: Annotated[int, typer.Option(
-        metavar="N", min=1, rich_help_panel=o.MODEL,
-        help="Rows decoded together (1 is latency-bound, as the release's speed-up figure).")] = 1,
+    batch: Annotated[str, typer.Option(
+        metavar="LIST", rich_help_panel=o.MODEL,
+        help="Comma-separated batch sizes (rows decoded together), each measured on its own with AR as "
+             "its baseline; 1 is latency-bound, as the release's speed-up figure.")] = "1",
     threads: o.Threads = None,
     n_per_task: Annotated[int, typer.Option(
         metavar="N", min=1, rich_help_panel=o.BENCH, help="Held-out prompts per task.")] = 20,
@@ -154,16 +159,19 @@ def bench(
         help="Timed passes over all configurations, interleaved; tokens/s is each one's median pass "
              "(outputs are identical every pass).")] = 3,
     as_json: Annotated[bool, typer.Option(
-        "--json", rich_help_panel=o.BENCH, help="Print one JSON object per (mode, γ) instead of a table.")] = False,
+        "--json", rich_help_panel=o.BENCH,
+        help="Print one JSON object per (batch, mode, γ) instead of a table.")] = False,
 ) -> None:
-    """AR vs mock-AR vs diffusion at several γ on held-out tasks: exact match, quality vs AR, tokens per
-    denoiser step, tokens/s and speed-up vs AR, measured in one run."""
+    """AR vs speculative vs mock-AR vs diffusion at several γ on held-out tasks, at each batch size:
+    exact match, quality vs AR, share of rows equal to AR's, tokens per step, accepted tokens per verify
+    (speculative), tokens/s and speed-up vs AR of the same batch size, measured in one run."""
     from .commands import bench as cmd
 
     with user_errors():
         decode = DecodeParams(block_size=block_size, steps_per_block=steps_per_block, max_new_tokens=max_new_tokens)
-        cmd.run(model, decode, cmd.parse_gammas(gammas), as_json=as_json, n_per_task=n_per_task, batch=batch,
-                threads=threads, seed=seed, rounds=rounds)
+        cmd.run(model, decode, cmd.parse_gammas(gammas), cmd.parse_gammas(spec_gammas, "--spec-gammas"),
+                as_json=as_json, n_per_task=n_per_task, batches=cmd.parse_batches(batch), threads=threads,
+                seed=seed, rounds=rounds)
 
 
 def main() -> None:
