@@ -68,6 +68,13 @@ def settled(block: list[int], mask: int, room: int, eos: set[int]) -> int | None
     return None
 
 
+def ar_scores(logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """The context tower's view of tokens it did not necessarily choose: log p(token) at
+    temperature 1 and whether the token is its greedy choice. logits (..., V) fp32, tokens (...)."""
+    lp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None])[..., 0]
+    return lp, logits.argmax(-1) == tokens
+
+
 def finish(out: list[int], max_new: int, eos: set[int]) -> tuple[list[int], str]:
     """The output as written: cut at `max_new` tokens, then after the first EOS (kept).
     Returns (tokens, finish_reason "eos" or "length")."""

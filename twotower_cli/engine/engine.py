@@ -37,7 +37,8 @@ class Engine:
 
     def __init__(self, model: TwoTower, *, max_batch_rows: int = 32, max_batch_tokens: int = 16384,
                  eos_ids: Iterable[int] | None = None, scan: str = "auto", capacity: int = 256,
-                 overlap: bool | None = None, mirror: bool | None = None, max_padding: float = 0.05):
+                 overlap: bool | None = None, mirror: bool | None = None, max_padding: float = 0.05,
+                 ar_score: bool = False):
         if max_batch_rows < 1 or max_batch_tokens < 1:
             raise ValueError("max_batch_rows and max_batch_tokens must be at least 1")
         self.model = model
@@ -49,6 +50,7 @@ class Engine:
         self.capacity = capacity
         self.overlap = overlap
         self.mirror = mirror
+        self.ar_score = ar_score  # score every row with the context tower (Stats.ar_logprob, ar_agreement)
         # prefill accounting: real prompt tokens vs padded positions computed (padding waste)
         self.counters = {"prefill_calls": 0, "prefill_tokens": 0, "prefill_padded_tokens": 0,
                          "denoiser_calls": 0, "context_calls": 0}
@@ -60,7 +62,7 @@ class Engine:
         sched = Scheduler(requests, max_batch_tokens=self.max_batch_tokens, max_padding=self.max_padding,
                           check=self._check)
         runner = Runner(self.model, rows=self.max_batch_rows, capacity=self.capacity, eos=self.eos, scan=self.scan,
-                        overlap=self.overlap, mirror=self.mirror, counters=self.counters)
+                        overlap=self.overlap, mirror=self.mirror, counters=self.counters, ar_score=self.ar_score)
         rows: list[Row] = []  # rows[i].slot == i
         try:
             while not (stop is not None and stop()):

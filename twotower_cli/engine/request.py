@@ -36,6 +36,10 @@ class Stats:
     took part in (diffusion, mock-AR, speculative's drafts), or a context-tower forward that chose
     a token (AR). A speculative row's verify forwards are counted in `context_forwards`, and
     `accepted_per_round` is the tokens each verify committed (accepted drafts + AR's own token).
+
+    The AR score, in every mode: `ar_logprob` is the sum over the completion's tokens (EOS
+    included when emitted) of the context tower's temperature-1 log probability given everything
+    before, `ar_agreement` the share of them equal to its greedy choice; None when scoring is off.
     `tokens_per_step` = completion_tokens / steps, the completion as written (cut after the first
     EOS, the EOS counted; `decoded_tokens` also counts what the cut dropped).
     """
@@ -55,6 +59,8 @@ class Stats:
     finish_reason: str  # "eos" or "length"
     latency_s: float
     accepted_per_round: float | None = None  # speculative: tokens committed per verify forward
+    ar_logprob: float | None = None  # the context tower's log p of the completion (None: not scored)
+    ar_agreement: float | None = None  # share of the completion's tokens that are its greedy choice
 
     @property
     def steps(self) -> int:

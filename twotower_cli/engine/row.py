@@ -27,7 +27,8 @@ from .request import Request, Result, Stats
 class Phase(enum.Enum):
     DENOISE = "denoise"  # the denoiser runs next: a diffusion block in progress, or mock-AR's next token
     COMMIT = "commit"  # the context tower must first read what the row committed
-    DONE = "done"  # the output is decided; the row leaves at the next retire
+    SCORE = "score"  # the output is decided; one more context forward scores its unread tokens
+    DONE = "done"  # the output is decided (and scored); the row leaves at the next retire
 
 
 @dataclass(eq=False)
@@ -45,6 +46,15 @@ class Row:
     blocks: int = 0
     rounds: int = 0  # speculative: verify forwards
     round_tokens: int = 0  # speculative: tokens those verifies committed (accepted drafts + AR's token)
+    # The AR score (when `scoring`): the context tower's log p of out[i] and whether out[i] is its
+    # greedy choice, for i < len(lp); `prev` the log probs (V,) of the token after what it has read
+    # (diffusion: the next block's first token), `read` how many of `out` it has read (diffusion).
+    scoring: bool = False
+    lp: list[float] = field(default_factory=list)
+    hit: list[bool] = field(default_factory=list)
+    prev: Tensor | None = None
+    read: int = 0
+    cut: int = 0  # once decided: the completion's length (what is scored)
 
     @property
     def p(self) -> DecodeParams:
@@ -52,7 +62,9 @@ class Row:
 
     @property
     def commit_width(self) -> int:
-        """Tokens the context tower reads at this row's next commit."""
+        """Tokens the context tower reads at this row's next commit (or final scoring forward)."""
+        if self.phase is Phase.SCORE:
+            return len(self.score_ids())
         return self.p.block_size if self.p.mode in ("diffusion", "speculative") else 1
 
     @property
@@ -83,13 +95,41 @@ class Row:
     def committed(self) -> None:
         """The context tower has read this row's commit."""
         self.ctx += 1
+        if self.p.mode == "diffusion":
+            self.read += self.p.block_size
         self.phase = Phase.DENOISE if self.p.mode != "ar" else Phase.COMMIT
+
+    # -- the AR score ---------------------------------------------------------------------------
+    def score(self, lp: list[float], hit: list[bool]) -> None:
+        self.lp.extend(lp)
+        self.hit.extend(hit)
+
+    def _decided(self, eos: set[int]) -> None:
+        """The output is decided: DONE, or SCORE while some of its tokens are unscored and need a
+        context forward (diffusion: the last block, which no commit read; mock-AR: the last token)."""
+        self.phase = Phase.DONE
+        if not self.scoring:
+            return
+        n = len(finish(self.out, self.p.max_new_tokens, eos)[0])
+        if self.p.mode == "diffusion" and self.prev is not None and len(self.lp) < n:
+            tok = self.out[len(self.lp)]  # the first unread token: scored by the last forward's logits
+            self.score([float(self.prev[tok])], [int(self.prev.argmax()) == tok])
+            self.prev = None
+        self.cut = n
+        if len(self.lp) < n:
+            self.phase = Phase.SCORE
+
+    def score_ids(self) -> list[int]:
+        """What the context tower reads to score the rest: the tokens before each unscored one."""
+        if self.p.mode == "mock-ar":
+            return [self.last]
+        return self.out[len(self.lp) - 1 : self.cut - 1]
 
     def take(self, token: int, eos: set[int]) -> None:
         """AR / mock-AR: the chosen next token (speculative: AR's first token, from the prefill)."""
         self.out.append(token)
         if ended(self.out, self.p.max_new_tokens, eos, new=1):
-            self.phase = Phase.DONE
+            self._decided(eos)
         elif self.p.mode == "speculative":
             self._draft_from(token)
         else:
@@ -112,7 +152,7 @@ class Row:
         self.rounds += 1
         self.round_tokens += len(accepted) + 1
         if ended(self.out, self.p.max_new_tokens, eos, new=len(accepted) + 1):
-            self.phase = Phase.DONE
+            self._decided(eos)
         else:
             self._draft_from(token)
 
@@ -128,11 +168,14 @@ class Row:
             self.out.extend(block.tolist())
             self.blocks += 1
             self.xt, self.k = block.new_full(block.shape, mask), 0
-            self.phase = Phase.DONE if ended(self.out, self.p.max_new_tokens, eos, new=len(block)) else Phase.COMMIT
+            if ended(self.out, self.p.max_new_tokens, eos, new=len(block)):
+                self._decided(eos)
+            else:
+                self.phase = Phase.COMMIT
         elif end := settled(block.tolist(), mask, self.p.max_new_tokens - len(self.out), eos):
             self.out.extend(block[:end].tolist())  # the output is decided: the rest would be cut
             self.blocks += 1
-            self.phase = Phase.DONE
+            self._decided(eos)
 
     def result(self, eos: set[int]) -> Result:
         p = self.p
@@ -144,5 +187,7 @@ class Row:
             context_forwards=self.ctx, blocks=self.blocks, finish_reason=reason,
             latency_s=time.perf_counter() - self.started,
             accepted_per_round=self.round_tokens / self.rounds if self.rounds else None,
+            ar_logprob=sum(self.lp[: len(tokens)]) if self.scoring and tokens else (0.0 if self.scoring else None),
+            ar_agreement=sum(self.hit[: len(tokens)]) / len(tokens) if self.scoring and tokens else None,
         )
         return Result(id=self.req.id, tokens=tokens, stats=stats, meta=self.req.meta)

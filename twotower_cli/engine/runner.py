@@ -20,17 +20,18 @@ from torch import Tensor
 
 from ..model.twotower import TwoTower
 from .cache import SlotPool
-from .decode import choose, commit_mask
+from .decode import ar_scores, choose, commit_mask
 from .request import Request
-from .row import Row
+from .row import Phase, Row
 
 
 class Runner:
     """Owns the model's forwards for one `Engine.run`: the slot pool, the worker thread, counters."""
 
     def __init__(self, model: TwoTower, *, rows: int, capacity: int, eos: set[int], scan: str,
-                 overlap: bool | None, mirror: bool | None, counters: dict[str, int]):
+                 overlap: bool | None, mirror: bool | None, counters: dict[str, int], ar_score: bool = False):
         self.model = model
+        self.ar_score = ar_score
         self.eos = eos
         self.scan = scan
         self.device = model.context_lm_head.weight.device
@@ -54,22 +55,26 @@ class Runner:
         denoiser reads it first)."""
         now = time.perf_counter()
         prompts = [r.prompt_ids[:-1] if r.params.mode == "mock-ar" else r.prompt_ids for r in reqs]
-        want = any(r.params.mode in ("ar", "speculative") for r in reqs)
+        # AR's first token; with the AR score also a diffusion row's first-token log probs
+        want = any(r.params.mode in ("ar", "speculative") or (self.ar_score and r.params.mode == "diffusion")
+                   for r in reqs)
         c = self.counters
         c["prefill_calls"] += 1
         c["prefill_tokens"] += sum(len(p) for p in prompts)
         c["prefill_padded_tokens"] += max(max(len(p) for p in prompts), 1) * len(prompts)
         state, logits = self.model.prefill(prompts, logits=want, scan=self.scan)
         slots = self.pool.admit(state)
-        rows = [Row(req=r, slot=s, started=now) for r, s in zip(reqs, slots)]
-        for row in rows:
+        rows = [Row(req=r, slot=s, started=now, scoring=self.ar_score) for r, s in zip(reqs, slots)]
+        for b, row in enumerate(rows):
             if row.p.mode == "diffusion":
                 row.xt = torch.full((row.p.block_size,), row.p.mask_token_id, dtype=torch.long)
+                if self.ar_score:
+                    row.prev = torch.log_softmax(logits[b], dim=-1).cpu()
             elif row.p.mode == "mock-ar":
                 row.last = row.req.prompt_ids[-1]
         ar = [b for b, r in enumerate(rows) if r.p.mode in ("ar", "speculative")]  # AR's first token
         if ar:
-            self._take_next([rows[b] for b in ar], logits[ar])
+            self._take_next([rows[b] for b in ar], logits[ar], score=self.ar_score)
         return rows
 
     # -- one step: commit and denoise ---------------------------------------------------------------
@@ -78,12 +83,15 @@ class Runner:
         if rows:
             self.pool.reserve(max(int(self.pool.state.lengths[r.slot]) + r.commit_width for r in rows))
 
+    @torch.no_grad()  # also on the overlap's worker thread: grad mode is per thread
     def commit(self, groups: dict[tuple[str, int], list[Row]]) -> None:
         """The context tower reads what each row committed (or verifies its draft): one forward
         per group."""
         for (kind, n), g in groups.items():
             if kind == "verify":
                 self._verify(g, n)
+            elif kind == "score":
+                self._score(g, n)
             else:
                 self._commit(g, n)
         self.counters["context_calls"] += len(groups)
@@ -111,13 +119,47 @@ class Runner:
         state = self.pool.view(slots)
         old = state.lengths.clone()
         ar = [i for i, r in enumerate(g) if r.p.mode == "ar"]
-        logits = self.model.context_extend(torch.tensor(ids, device=self.device), state, logits=bool(ar),
-                                           scan=self.scan)
+        ids_t = torch.tensor(ids, device=self.device)  # (B, n)
+        if self.ar_score:  # every position scores the token after it
+            logits = self.model.context_extend(ids_t, state, logits="all", scan=self.scan)  # (B, n, V)
+        else:
+            logits = self.model.context_extend(ids_t, state, logits=bool(ar), scan=self.scan)
         self.pool.write_back(slots, state, old, n)
         for r in g:
             r.committed()
+        if self.ar_score:
+            self._score_commits(g, ids_t, logits)
+            logits = logits[:, -1]
         if ar:
-            self._take_next([g[i] for i in ar], logits[ar])
+            self._take_next([g[i] for i in ar], logits[ar], score=self.ar_score)
+
+    def _score_commits(self, g: list[Row], ids: Tensor, logits: Tensor) -> None:
+        """The AR score from a commit's logits (B, n, V): a diffusion block's tokens after its
+        first (its first came with the previous forward's last position, kept in `prev`), and the
+        log probs of the next block's first token; a mock-AR row's newest token."""
+        for b, r in enumerate(g):
+            if r.p.mode == "diffusion":
+                first = int(ids[b, 0])
+                r.score([float(r.prev[first])], [int(r.prev.argmax()) == first])
+                lp, hit = ar_scores(logits[b, :-1], ids[b, 1:].to(logits.device))
+                r.score(lp.tolist(), hit.tolist())
+                r.prev = torch.log_softmax(logits[b, -1], dim=-1).cpu()
+            elif r.p.mode == "mock-ar":
+                lp, hit = ar_scores(logits[b, -1:], torch.tensor([r.out[-1]], device=logits.device))
+                r.score(lp.tolist(), hit.tolist())
+
+    def _score(self, g: list[Row], n: int) -> None:
+        """Rows whose output is decided: one context forward over what it has not read scores the
+        rest (the state is not kept: the rows retire)."""
+        ids = torch.tensor([r.score_ids() for r in g], device=self.device)  # (B, n)
+        state = self.pool.view([r.slot for r in g])
+        logits = self.model.context_extend(ids, state, logits="all", scan=self.scan)  # (B, n, V)
+        for b, r in enumerate(g):
+            targets = r.out[len(r.lp) : len(r.lp) + n]
+            lp, hit = ar_scores(logits[b], torch.tensor(targets, device=logits.device))
+            r.score(lp.tolist(), hit.tolist())
+            r.ctx += 1
+            r.phase = Phase.DONE
 
     def _verify(self, g: list[Row], S: int) -> None:
         """Speculative: the context tower reads each drafted block [pending, d1 .. d(S-1)] with
@@ -138,6 +180,12 @@ class Runner:
         accepted = agree.sum(1)  # (B,)
         self.model.context_rollback(state, kept, start, 1 + accepted)
         self.pool.write_back(slots, state, start, S)
+        if self.ar_score:  # the drafts kept and AR's token, each scored at the position before it
+            targets = torch.cat([ids[:, 1:].to(dev), ar[:, -1:]], dim=1)  # (B, S)
+            targets.scatter_(1, accepted[:, None], ar.gather(1, accepted[:, None]))
+            lp, hit = ar_scores(logits, targets)
+            for r, a, l_, h_ in zip(g, accepted.tolist(), lp.tolist(), hit.tolist()):
+                r.score(l_[: a + 1], h_[: a + 1])
         for r, a, block, choice in zip(g, accepted.tolist(), ids.tolist(), ar.tolist()):
             r.verified(block[1 : 1 + a], choice[a], self.eos)
 
@@ -176,12 +224,18 @@ class Runner:
             r.nfe += 1
         self._take_next(g, logits)
 
-    def _take_next(self, rows: list[Row], logits: Tensor) -> None:
-        """AR / mock-AR: each row's next token from logits (B, V)."""
+    def _take_next(self, rows: list[Row], logits: Tensor, score: bool = False) -> None:
+        """AR / mock-AR: each row's next token from logits (B, V). score: the logits are the
+        context tower's, so they also give the chosen token's AR score."""
         dev = logits.device
         step = torch.zeros(len(rows), dtype=torch.long, device=dev)
         pred, _ = choose(logits[:, None, :], *_row_tensors(rows, dev), _positions(rows, 1, dev), step)
-        for row, tok in zip(rows, pred[:, 0].tolist()):
+        pred = pred[:, 0]
+        if score:
+            lp, hit = ar_scores(logits, pred)
+            for row, l_, h_ in zip(rows, lp.tolist(), hit.tolist()):
+                row.score([l_], [h_])
+        for row, tok in zip(rows, pred.tolist()):
             row.take(tok, self.eos)
 
     # -- retire -----------------------------------------------------------------------------------

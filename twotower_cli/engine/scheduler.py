@@ -57,7 +57,8 @@ class Scheduler:
 
     @staticmethod
     def committing(rows: list[Row]) -> list[Row]:
-        return [r for r in rows if r.phase is Phase.COMMIT]
+        """Rows the context tower reads for: commits, verifies and final scoring forwards."""
+        return [r for r in rows if r.phase is Phase.COMMIT or r.phase is Phase.SCORE]
 
     @staticmethod
     def denoising(rows: list[Row]) -> dict[tuple, list[Row]]:
@@ -74,8 +75,13 @@ class Scheduler:
     @staticmethod
     def by_commit(rows: list[Row]) -> dict[tuple[str, int], list[Row]]:
         """Committing rows by forward, in slot order: ("read", n) the context tower reads n tokens
-        of each row; ("verify", S) it reads speculative drafts with logits at every position."""
+        of each row; ("verify", S) it reads speculative drafts with logits at every position;
+        ("score", n) it reads the n unread tokens of a decided row, for the AR score."""
         groups: dict[tuple[str, int], list[Row]] = {}
         for r in rows:
-            groups.setdefault(("verify" if r.p.mode == "speculative" else "read", r.commit_width), []).append(r)
+            if r.phase is Phase.SCORE:
+                kind = "score"  # the output is decided: the context tower reads its unread tokens once
+            else:
+                kind = "verify" if r.p.mode == "speculative" else "read"
+            groups.setdefault((kind, r.commit_width), []).append(r)
         return {key: sorted(g, key=lambda r: r.slot) for key, g in groups.items()}
