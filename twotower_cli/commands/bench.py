@@ -84,7 +84,8 @@ def evaluate(model, tok, items, mode: str, gamma: float | None, batch: int, deco
     results = list(engine.run(reqs))
     wall = time.perf_counter() - t0
     right: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    tokens = steps_total = rounds = round_tokens = 0.0
+    tokens = steps_total = rounds = 0
+    round_tokens = 0.0  # speculative: Σ accepted_per_round x verify forwards, i.e. tokens the verifies committed
     outputs: dict[int, list[int]] = {}
     for r in results:
         task, _, answer = items[int(r.id)]
@@ -103,7 +104,7 @@ def evaluate(model, tok, items, mode: str, gamma: float | None, batch: int, deco
             "accuracy": sum(c for c, _ in right.values()) / len(results),
             "per_task": per_task, "tokens_per_step": tokens / steps_total if steps_total else 0.0,
             "accepted_per_round": round_tokens / rounds if rounds else None,
-            "tokens_per_s": tokens / wall, "completion_tokens": int(tokens), "wall_s": wall, "outputs": outputs}
+            "tokens_per_s": tokens / wall, "completion_tokens": tokens, "wall_s": wall, "outputs": outputs}
 
 
 def run(model_path: Path | None, decode: DecodeParams, gammas: tuple[float, ...] = GAMMAS,
