@@ -58,6 +58,17 @@ def test_ar_score_equals_a_full_forward(peaked, overlap, mirror):
     assert any(res[str(i)].stats.finish_reason == "eos" for i in range(len(rows)))
 
 
-def test_ar_score_off_is_none(peaked):
-    (r,) = Engine(peaked).run([Request("a", [5, 6], DecodeParams(max_new_tokens=4))])
-    assert r.stats.ar_logprob is None and r.stats.ar_agreement is None
+def test_ar_score_default_scores_the_rows_where_it_is_free(peaked):
+    """ar_score=None (the default): AR and speculative rows are scored (their context logits are
+    computed anyway), diffusion and mock-AR rows are not (a scoring read costs them a forward);
+    False scores no row."""
+    reqs = [Request(m, [5, 6, 7], DecodeParams(mode=m, max_new_tokens=9, block_size=4, steps_per_block=4))
+            for m in MODES]
+    by_mode = {r.id: r for r in Engine(peaked, max_batch_rows=4).run(reqs)}
+    for m in ("ar", "speculative"):
+        lp, agree = full_forward_score(peaked, [5, 6, 7], by_mode[m].tokens)
+        assert by_mode[m].stats.ar_logprob == pytest.approx(lp, abs=1e-4) and by_mode[m].stats.ar_agreement == agree
+    for m in ("diffusion", "mock-ar"):
+        assert by_mode[m].stats.ar_logprob is None and by_mode[m].stats.ar_agreement is None
+    for r in Engine(peaked, max_batch_rows=4, ar_score=False).run(reqs):
+        assert r.stats.ar_logprob is None and r.stats.ar_agreement is None

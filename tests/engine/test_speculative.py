@@ -4,6 +4,7 @@ for token (engine/reference.py's AR loop is the spec), greedy and sampled, at an
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -83,8 +84,9 @@ def test_speculative_rollback_with_the_two_device_mirror(peaked, overlap, mirror
     plain = decode(peaked, rows, params, max_batch_rows=3, overlap=False, mirror=False)
     other = decode(peaked, rows, params, max_batch_rows=3, overlap=overlap, mirror=mirror)
     assert [r.tokens for r in other] == [r.tokens for r in plain]
-    assert [r.stats for r in other] == [r.stats.__class__(**{**r.stats.__dict__, "latency_s": o.stats.latency_s})
-                                        for r, o in zip(plain, other)]
+    for r, o in zip(plain, other):  # the same decoding; timings and float sums may differ by rounding
+        assert replace(o.stats, latency_s=0.0, ar_logprob=None) == replace(r.stats, latency_s=0.0, ar_logprob=None)
+        assert o.stats.ar_logprob == pytest.approx(r.stats.ar_logprob, abs=1e-4)
 
 
 def test_speculative_stats(peaked):

@@ -8,6 +8,8 @@ engine step is
               speculative rows have their drafted block verified (and rolled back to what AR keeps)
     denoise   one batched denoiser forward per group of rows mid-block (diffusion: then the
               threshold commit rule per row), or choosing their next token (mock-AR)
+    score     (with the AR score) one context read of what the rows decided by this denoise left
+              unread, so that they too retire in this step
     retire    rows whose output is decided (EOS or their limit) leave at once, freeing their slots
 
 so rows at different blocks, with different prompt lengths and settings, share every forward, and
@@ -38,7 +40,7 @@ class Engine:
     def __init__(self, model: TwoTower, *, max_batch_rows: int = 32, max_batch_tokens: int = 16384,
                  eos_ids: Iterable[int] | None = None, scan: str = "auto", capacity: int = 256,
                  overlap: bool | None = None, mirror: bool | None = None, max_padding: float = 0.05,
-                 ar_score: bool = False):
+                 ar_score: bool | None = None):
         if max_batch_rows < 1 or max_batch_tokens < 1:
             raise ValueError("max_batch_rows and max_batch_tokens must be at least 1")
         self.model = model
@@ -50,7 +52,9 @@ class Engine:
         self.capacity = capacity
         self.overlap = overlap
         self.mirror = mirror
-        self.ar_score = ar_score  # score every row with the context tower (Stats.ar_logprob, ar_agreement)
+        # The AR score (Stats.ar_logprob, ar_agreement): True every row, False none, None the rows
+        # where it is free (AR and speculative, whose context logits are computed anyway).
+        self.ar_score = ar_score
         # prefill accounting: real prompt tokens vs padded positions computed (padding waste)
         self.counters = {"prefill_calls": 0, "prefill_tokens": 0, "prefill_padded_tokens": 0,
                          "denoiser_calls": 0, "context_calls": 0}
@@ -98,6 +102,10 @@ class Engine:
         else:
             runner.commit(commits)
             runner.denoise(sched.denoising(rows))
+        scoring = sched.scoring(rows)  # decided by this denoise: scored now, so they retire at once
+        if scoring:
+            runner.reserve(scoring)
+            runner.commit(sched.by_commit(scoring))
 
     def _retire(self, rows: list[Row], runner: Runner) -> tuple[list[Row], list[Result]]:
         done = [r for r in rows if r.phase is Phase.DONE]

@@ -63,8 +63,6 @@ class Row:
     @property
     def commit_width(self) -> int:
         """Tokens the context tower reads at this row's next commit (or final scoring forward)."""
-        if self.phase is Phase.SCORE:
-            return len(self.score_ids())
         return self.p.block_size if self.p.mode in ("diffusion", "speculative") else 1
 
     @property
@@ -82,7 +80,9 @@ class Row:
     def commit_ids(self) -> list[int]:
         """What the context tower reads now. Mock-AR: the token the denoiser read last step (the
         denoiser reads each token at its own position before the context tower does).
-        Speculative: the drafted block, to verify."""
+        Speculative: the drafted block, to verify. A decided row: what scores the rest."""
+        if self.phase is Phase.SCORE:
+            return self.score_ids()
         if self.p.mode == "speculative":
             return self.xt.tolist()
         if self.p.mode == "diffusion":
@@ -93,8 +93,11 @@ class Row:
         return [self.out[-1]]
 
     def committed(self) -> None:
-        """The context tower has read this row's commit."""
+        """The context tower has read this row's commit (or final scoring read)."""
         self.ctx += 1
+        if self.phase is Phase.SCORE:
+            self.phase = Phase.DONE
+            return
         if self.p.mode == "diffusion":
             self.read += self.p.block_size
         self.phase = Phase.DENOISE if self.p.mode != "ar" else Phase.COMMIT

@@ -29,9 +29,10 @@ class Runner:
     """Owns the model's forwards for one `Engine.run`: the slot pool, the worker thread, counters."""
 
     def __init__(self, model: TwoTower, *, rows: int, capacity: int, eos: set[int], scan: str,
-                 overlap: bool | None, mirror: bool | None, counters: dict[str, int], ar_score: bool = False):
+                 overlap: bool | None, mirror: bool | None, counters: dict[str, int],
+                 ar_score: bool | None = None):
         self.model = model
-        self.ar_score = ar_score
+        self.ar_score = ar_score  # see Engine
         self.eos = eos
         self.scan = scan
         self.device = model.context_lm_head.weight.device
@@ -58,23 +59,26 @@ class Runner:
         # AR's first token; with the AR score also a diffusion row's first-token log probs
         want = any(r.params.mode in ("ar", "speculative") or (self.ar_score and r.params.mode == "diffusion")
                    for r in reqs)
+        free = ("ar", "speculative")
         c = self.counters
         c["prefill_calls"] += 1
         c["prefill_tokens"] += sum(len(p) for p in prompts)
         c["prefill_padded_tokens"] += max(max(len(p) for p in prompts), 1) * len(prompts)
         state, logits = self.model.prefill(prompts, logits=want, scan=self.scan)
         slots = self.pool.admit(state)
-        rows = [Row(req=r, slot=s, started=now, scoring=self.ar_score) for r, s in zip(reqs, slots)]
+        rows = [Row(req=r, slot=s, started=now,
+                    scoring=self.ar_score if self.ar_score is not None else r.params.mode in free)
+                for r, s in zip(reqs, slots)]
         for b, row in enumerate(rows):
             if row.p.mode == "diffusion":
                 row.xt = torch.full((row.p.block_size,), row.p.mask_token_id, dtype=torch.long)
-                if self.ar_score:
-                    row.prev = torch.log_softmax(logits[b], dim=-1).cpu()
+                if row.scoring:
+                    row.prev = torch.log_softmax(logits[b], dim=-1)
             elif row.p.mode == "mock-ar":
                 row.last = row.req.prompt_ids[-1]
         ar = [b for b, r in enumerate(rows) if r.p.mode in ("ar", "speculative")]  # AR's first token
         if ar:
-            self._take_next([rows[b] for b in ar], logits[ar], score=self.ar_score)
+            self._take_next([rows[b] for b in ar], logits[ar], score=True)
         return rows
 
     # -- one step: commit and denoise ---------------------------------------------------------------
@@ -90,8 +94,6 @@ class Runner:
         for (kind, n), g in groups.items():
             if kind == "verify":
                 self._verify(g, n)
-            elif kind == "score":
-                self._score(g, n)
             else:
                 self._commit(g, n)
         self.counters["context_calls"] += len(groups)
@@ -114,52 +116,74 @@ class Runner:
 
     # -- forwards ---------------------------------------------------------------------------------
     def _commit(self, g: list[Row], n: int) -> None:
+        """The context tower reads what each row committed (n tokens). A decided row's final
+        scoring read (Phase.SCORE) joins the forward with fewer tokens: a ragged read, whose state
+        is not used again (the row retires)."""
         slots = [r.slot for r in g]
         ids = [r.commit_ids() for r in g]
+        lens = [len(x) for x in ids]
+        ids_t = torch.zeros(len(g), n, dtype=torch.long)
+        for b, x in enumerate(ids):
+            ids_t[b, : lens[b]] = torch.tensor(x, dtype=torch.long)
+        ids_t = ids_t.to(self.device)  # (B, n)
+        n_valid = torch.tensor(lens, device=self.device) if min(lens) < n else None
         state = self.pool.view(slots)
         old = state.lengths.clone()
         ar = [i for i, r in enumerate(g) if r.p.mode == "ar"]
-        ids_t = torch.tensor(ids, device=self.device)  # (B, n)
-        if self.ar_score:  # every position scores the token after it
-            logits = self.model.context_extend(ids_t, state, logits="all", scan=self.scan)  # (B, n, V)
-        else:
-            logits = self.model.context_extend(ids_t, state, logits=bool(ar), scan=self.scan)
+        scored = any(r.scoring and r.p.mode != "ar" for r in g)  # AR rows are scored as they choose
+        want = "all" if scored else bool(ar)  # the AR score reads every position's logits
+        logits = self.model.context_extend(ids_t, state, n_valid=n_valid, logits=want, scan=self.scan)
         self.pool.write_back(slots, state, old, n)
+        if scored:
+            self._score_reads(g, ids, logits)
+            logits = logits[:, -1]
         for r in g:
             r.committed()
-        if self.ar_score:
-            self._score_commits(g, ids_t, logits)
-            logits = logits[:, -1]
         if ar:
-            self._take_next([g[i] for i in ar], logits[ar], score=self.ar_score)
+            self._take_next([g[i] for i in ar], logits[ar], score=True)
 
-    def _score_commits(self, g: list[Row], ids: Tensor, logits: Tensor) -> None:
-        """The AR score from a commit's logits (B, n, V): a diffusion block's tokens after its
-        first (its first came with the previous forward's last position, kept in `prev`), and the
-        log probs of the next block's first token; a mock-AR row's newest token."""
+    def _score_reads(self, g: list[Row], ids: list[list[int]], logits: Tensor) -> None:
+        """The AR score from a context read's logits (B, n, V), each position scoring the token
+        after it: a diffusion block's tokens after its first (the first was predicted by the
+        previous forward's last position, kept in `prev`; this forward's last position is the next
+        `prev`), a mock-AR row's newest token, a decided row's unscored tokens. AR rows are
+        scored where their token is chosen."""
+        B, n, _ = logits.shape
+        dev = logits.device
+        logp = torch.log_softmax(logits, dim=-1)
+        targets = torch.full((B, n), -1, dtype=torch.long)  # -1: nothing to score at that position
+        diff = []  # diffusion commits
         for b, r in enumerate(g):
-            if r.p.mode == "diffusion":
-                first = int(ids[b, 0])
-                r.score([float(r.prev[first])], [int(r.prev.argmax()) == first])
-                lp, hit = ar_scores(logits[b, :-1], ids[b, 1:].to(logits.device))
-                r.score(lp.tolist(), hit.tolist())
-                r.prev = torch.log_softmax(logits[b, -1], dim=-1).cpu()
+            if not r.scoring or r.p.mode == "ar":
+                continue
+            if r.phase is Phase.SCORE:
+                todo = r.out[len(r.lp) : len(r.lp) + len(ids[b])]
+                targets[b, : len(todo)] = torch.tensor(todo, dtype=torch.long)
+            elif r.p.mode == "diffusion":
+                targets[b, : n - 1] = torch.tensor(ids[b][1:], dtype=torch.long)
+                diff.append(b)
             elif r.p.mode == "mock-ar":
-                lp, hit = ar_scores(logits[b, -1:], torch.tensor([r.out[-1]], device=logits.device))
-                r.score(lp.tolist(), hit.tolist())
-
-    def _score(self, g: list[Row], n: int) -> None:
-        """Rows whose output is decided: one context forward over what it has not read scores the
-        rest (the state is not kept: the rows retire)."""
-        ids = torch.tensor([r.score_ids() for r in g], device=self.device)  # (B, n)
-        state = self.pool.view([r.slot for r in g])
-        logits = self.model.context_extend(ids, state, logits="all", scan=self.scan)  # (B, n, V)
+                targets[b, 0] = r.out[-1]
+        targets = targets.to(dev)
+        lp = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0].tolist()
+        hit = (logits.argmax(-1) == targets).tolist()
+        firsts = {}
+        if diff:
+            prev = torch.stack([g[b].prev for b in diff])  # (D, V)
+            first = torch.tensor([ids[b][0] for b in diff], device=dev)
+            f_lp = prev.gather(1, first[:, None])[:, 0].tolist()
+            f_hit = (prev.argmax(-1) == first).tolist()
+            firsts = {b: (f_lp[j], f_hit[j]) for j, b in enumerate(diff)}
+            nxt = logp[diff, -1]  # (D, V): the next block's first token
+            for j, b in enumerate(diff):
+                g[b].prev = nxt[j]
+        tl = targets.tolist()
         for b, r in enumerate(g):
-            targets = r.out[len(r.lp) : len(r.lp) + n]
-            lp, hit = ar_scores(logits[b], torch.tensor(targets, device=logits.device))
-            r.score(lp.tolist(), hit.tolist())
-            r.ctx += 1
-            r.phase = Phase.DONE
+            if b in firsts:
+                r.score([firsts[b][0]], [firsts[b][1]])
+            keep = [j for j in range(n) if tl[b][j] >= 0]
+            if keep:
+                r.score([lp[b][j] for j in keep], [hit[b][j] for j in keep])
 
     def _verify(self, g: list[Row], S: int) -> None:
         """Speculative: the context tower reads each drafted block [pending, d1 .. d(S-1)] with
@@ -180,12 +204,13 @@ class Runner:
         accepted = agree.sum(1)  # (B,)
         self.model.context_rollback(state, kept, start, 1 + accepted)
         self.pool.write_back(slots, state, start, S)
-        if self.ar_score:  # the drafts kept and AR's token, each scored at the position before it
+        if any(r.scoring for r in g):  # the drafts kept and AR's token, each scored at the position before it
             targets = torch.cat([ids[:, 1:].to(dev), ar[:, -1:]], dim=1)  # (B, S)
             targets.scatter_(1, accepted[:, None], ar.gather(1, accepted[:, None]))
             lp, hit = ar_scores(logits, targets)
             for r, a, l_, h_ in zip(g, accepted.tolist(), lp.tolist(), hit.tolist()):
-                r.score(l_[: a + 1], h_[: a + 1])
+                if r.scoring:
+                    r.score(l_[: a + 1], h_[: a + 1])
         for r, a, block, choice in zip(g, accepted.tolist(), ids.tolist(), ar.tolist()):
             r.verified(block[1 : 1 + a], choice[a], self.eos)
 
@@ -231,10 +256,11 @@ class Runner:
         step = torch.zeros(len(rows), dtype=torch.long, device=dev)
         pred, _ = choose(logits[:, None, :], *_row_tensors(rows, dev), _positions(rows, 1, dev), step)
         pred = pred[:, 0]
-        if score:
+        if score and any(r.scoring for r in rows):
             lp, hit = ar_scores(logits, pred)
             for row, l_, h_ in zip(rows, lp.tolist(), hit.tolist()):
-                row.score([l_], [h_])
+                if row.scoring:
+                    row.score([l_], [h_])
         for row, tok in zip(rows, pred.tolist()):
             row.take(tok, self.eos)
 

@@ -57,8 +57,13 @@ class Scheduler:
 
     @staticmethod
     def committing(rows: list[Row]) -> list[Row]:
-        """Rows the context tower reads for: commits, verifies and final scoring forwards."""
-        return [r for r in rows if r.phase is Phase.COMMIT or r.phase is Phase.SCORE]
+        """Rows the context tower reads for: commits and verifies."""
+        return [r for r in rows if r.phase is Phase.COMMIT]
+
+    @staticmethod
+    def scoring(rows: list[Row]) -> list[Row]:
+        """Decided rows whose AR score needs one more context read."""
+        return [r for r in rows if r.phase is Phase.SCORE]
 
     @staticmethod
     def denoising(rows: list[Row]) -> dict[tuple, list[Row]]:
@@ -75,13 +80,10 @@ class Scheduler:
     @staticmethod
     def by_commit(rows: list[Row]) -> dict[tuple[str, int], list[Row]]:
         """Committing rows by forward, in slot order: ("read", n) the context tower reads n tokens
-        of each row; ("verify", S) it reads speculative drafts with logits at every position;
-        ("score", n) it reads the n unread tokens of a decided row, for the AR score."""
+        of each row (a decided row's final read for the AR score takes at most n); ("verify", S)
+        it reads speculative drafts with logits at every position."""
         groups: dict[tuple[str, int], list[Row]] = {}
-        for r in rows:
-            if r.phase is Phase.SCORE:
-                kind = "score"  # the output is decided: the context tower reads its unread tokens once
-            else:
-                kind = "verify" if r.p.mode == "speculative" else "read"
+        for r in rows:  # a decided row's final scoring read joins the reads of its width (fewer tokens)
+            kind = "verify" if r.p.mode == "speculative" and r.phase is Phase.COMMIT else "read"
             groups.setdefault((kind, r.commit_width), []).append(r)
         return {key: sorted(g, key=lambda r: r.slot) for key, g in groups.items()}
