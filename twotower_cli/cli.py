@@ -74,6 +74,7 @@ def gen(
     max_new_tokens: o.MaxNewTokens = 128,
     seed: o.Seed = 0,
     mask_token_id: o.MaskTokenId = 3,
+    ar_score: o.ArScore = None,
     device: o.Device = None,
     ctx_device: o.CtxDevice = None,
     den_device: o.DenDevice = None,
@@ -110,7 +111,7 @@ def gen(
         run = o.GenOptions(source=source, out=out, max_batch_rows=max_batch_rows,
                            max_batch_tokens=max_batch_tokens, rows_per_shard=rows_per_shard,
                            prompt_field=prompt_field, id_field=id_field, limit=limit, overwrite=overwrite,
-                           fail_on_error=fail_on_error, quiet=quiet)
+                           fail_on_error=fail_on_error, quiet=quiet, ar_score=ar_score)
         placement = o.Placement(model=model, device=device, ctx_device=ctx_device, den_device=den_device,
                                 dtype=dtype, threads=threads)
         scale = o.ScaleOut(num_shards=num_shards, shard_index=shard_index, ray=ray, ray_address=ray_address,

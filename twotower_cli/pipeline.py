@@ -68,6 +68,7 @@ class RunConfig:
     overwrite: bool = False
     window: int = 2048
     partition: Partition | None = None  # one task of a job array: only the rows of this shard
+    ar_score: bool | None = None  # the AR score of each row: True all, False none, None AR/speculative rows
 
 
 @dataclass
@@ -188,7 +189,8 @@ class LocalDecoder(Decoder):
         config = cfg.model.config
         self.batcher = Batcher(cfg.tokenizer, cfg.defaults, config.max_position_embeddings,
                                BatchPolicy(window=cfg.window), vocab_size=config.vocab_size)
-        self.engine = Engine(cfg.model, max_batch_rows=cfg.max_batch_rows, max_batch_tokens=cfg.max_batch_tokens)
+        self.engine = Engine(cfg.model, max_batch_rows=cfg.max_batch_rows, max_batch_tokens=cfg.max_batch_tokens,
+                             ar_score=cfg.ar_score)
         self.model_label = f"{cfg.model_name}@{cfg.model_fingerprint}"
 
     @property

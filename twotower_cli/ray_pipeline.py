@@ -274,6 +274,7 @@ def _dataset(ray: Any, blocks: list[Any], cfg: RunConfig, opts: RayOptions, batc
         "defaults": cfg.defaults, "device": device, "ctx_device": ctx_device, "den_device": den_device,
         "dtype": opts.dtype, "max_batch_rows": cfg.max_batch_rows,
         "max_batch_tokens": cfg.max_batch_tokens, "threads": max(1, int(opts.cpus_per_actor)),
+        "ar_score": cfg.ar_score,
         "fault": os.environ.get(FAULT_ENV),
     }
     ds = ray.data.from_arrow_refs(blocks)
@@ -331,7 +332,7 @@ class _Generate:
 
     def __init__(self, *, model_path: str, fingerprint: str, model_name: str, defaults: Any, device: str | None,
                  ctx_device: str | None, den_device: str | None, dtype: str | None, max_batch_rows: int,
-                 max_batch_tokens: int, threads: int, fault: str | None = None):
+                 max_batch_tokens: int, threads: int, ar_score: bool | None = None, fault: str | None = None):
         import torch
 
         from .model.checkpoint import fingerprint as checkpoint_fingerprint
@@ -346,7 +347,7 @@ class _Generate:
             place_towers_on_devices(model, ctx_device or "cpu", den_device or ctx_device or "cpu")
         cfg = RunConfig(source="", out_dir=Path("."), model=model, tokenizer=load_tokenizer(model_path),
                         model_name=model_name, model_fingerprint=fingerprint, defaults=defaults,
-                        max_batch_rows=max_batch_rows, max_batch_tokens=max_batch_tokens)
+                        max_batch_rows=max_batch_rows, max_batch_tokens=max_batch_tokens, ar_score=ar_score)
         self.decoder = LocalDecoder(cfg)
         self.no_signals = Signals(Progress())  # never installed: the driver handles signals
         self.fault = fault.split(":", 1) if fault else None

@@ -547,3 +547,28 @@ def test_bad_flag_in_a_real_process(tmp_path):
     assert p.returncode == 2
     assert "no-such-model" in one_line_error(p.stderr.decode())
     assert p.stdout == b""
+
+
+def test_speculative_mode_writes_ar_completions_and_scores(model_dir, tmp_path):
+    """`--mode speculative` (and per-row "mode": "speculative") writes AR's completions, with
+    accepted_per_round and the AR score; `--ar-score` scores diffusion rows too, which are null
+    by default."""
+    ps = prompts(6, seed=9)
+    rows_in = [dict(p, mode="diffusion") if i % 3 == 0 else p for i, p in enumerate(ps)]
+    src = write_jsonl(tmp_path / "p.jsonl", rows_in)
+    common = ["--block-size", "4", "--steps-per-block", "4", "--max-new-tokens", "10"]
+    gen(model_dir, str(src), "-o", str(tmp_path / "spec"), "--mode", "speculative", *common)
+    gen(model_dir, str(src), "-o", str(tmp_path / "ar"), "--mode", "ar", *common)
+    gen(model_dir, str(src), "-o", str(tmp_path / "scored"), "--mode", "speculative", "--ar-score", *common)
+    spec = {r["id"]: r for r in read_out(tmp_path / "spec")}
+    ar = {r["id"]: r for r in read_out(tmp_path / "ar")}
+    scored = {r["id"]: r for r in read_out(tmp_path / "scored")}
+    for i, p in enumerate(rows_in):
+        s = spec[p["id"]]
+        if i % 3 == 0:  # a per-row diffusion override
+            assert s["mode"] == "diffusion" and s["accepted_per_round"] is None and s["ar_logprob"] is None
+            assert scored[p["id"]]["ar_logprob"] is not None and 0 <= scored[p["id"]]["ar_agreement"] <= 1
+            continue
+        assert s["mode"] == "speculative" and s["completion"] == ar[p["id"]]["completion"]
+        assert s["accepted_per_round"] >= 1 and s["ar_logprob"] == pytest.approx(ar[p["id"]]["ar_logprob"], abs=1e-4)
+        assert s["ar_agreement"] == ar[p["id"]]["ar_agreement"] == 1.0  # greedy: every token is AR's argmax

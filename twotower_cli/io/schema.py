@@ -98,6 +98,8 @@ _STATS: list[tuple[str, pa.DataType, bool]] = [
     ("finish_reason", _STR, True),
     ("latency_s", _F64, True),
     ("accepted_per_round", _F64, True),  # speculative rows only: tokens committed per verify
+    ("ar_logprob", _F64, True),  # the context tower's log p of the completion (null: not scored)
+    ("ar_agreement", _F64, True),  # share of the completion's tokens that are its greedy choice
 ]
 STATS_COLUMNS = tuple(name for name, _, _ in _STATS)
 # Every output column, in order: the row, its completion, its statistics, and where it came from.
