@@ -89,18 +89,21 @@ def gen(
     overwrite: o.Overwrite = False,
     fail_on_error: o.FailOnError = False,
     quiet: o.Quiet = False,
+    log_every: o.LogEvery = o.DEFAULT_LOG_EVERY_S,
     num_shards: o.NumShards = None,
     shard_index: o.ShardIndex = None,
     ray: o.Ray = False,
     ray_address: o.RayAddress = None,
     ray_actors: o.RayActors = None,
-    ray_cpus: o.RayCpus = 1.0,
+    ray_cpus: o.RayCpus = None,
     ray_batch_rows: o.RayBatchRows = None,
 ) -> None:
-    """Generate completions for every prompt; resumes where an earlier run of the same command stopped.
+    """Generate completions for every prompt; resumes where an earlier run of the same command stopped
+    (a rerun with nothing left exits 0 at once, without loading the model).
 
     Exit codes: 0 done, 1 failed (e.g. a Ray job; rerun to resume), 2 bad flags or unreadable input,
-    3 interrupted (rerun to resume), 4 rows rejected with --fail-on-error. The JSON summary goes to stdout.
+    3 interrupted (rerun to resume), 4 rows rejected with --fail-on-error. The JSON summary goes to
+    stdout (to stderr with -o -, whose rows stream to stdout as JSON lines and do not resume).
     """
     from .commands import gen as cmd
 
@@ -111,7 +114,7 @@ def gen(
         run = o.GenOptions(source=source, out=out, max_batch_rows=max_batch_rows,
                            max_batch_tokens=max_batch_tokens, rows_per_shard=rows_per_shard,
                            prompt_field=prompt_field, id_field=id_field, limit=limit, overwrite=overwrite,
-                           fail_on_error=fail_on_error, quiet=quiet, ar_score=ar_score)
+                           fail_on_error=fail_on_error, quiet=quiet, ar_score=ar_score, log_every=log_every)
         placement = o.Placement(model=model, device=device, ctx_device=ctx_device, den_device=den_device,
                                 dtype=dtype, threads=threads)
         scale = o.ScaleOut(num_shards=num_shards, shard_index=shard_index, ray=ray, ray_address=ray_address,

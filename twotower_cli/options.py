@@ -33,6 +33,15 @@ IO = "Input/Output"
 SCALE_OUT = "Scale-out"
 BENCH = "Benchmark"
 
+# ---- defaults ------------------------------------------------------------------------------------
+
+# Torch CPU threads of `gen` (--threads) and of each Ray actor (--ray-cpus), capped at the CPUs
+# this process may use. Measured on the embedded model (README, "Threads"): one thread is as fast
+# as two on an idle 2-core machine and several times faster when another process keeps a core
+# busy (OpenMP threads spin against each other); a big model on a big machine wants more: --threads.
+DEFAULT_THREADS = 1
+DEFAULT_LOG_EVERY_S = 30.0
+
 # ---- options shared by commands ---------------------------------------------------------------------
 
 Model = Annotated[Path | None, typer.Option(
@@ -40,7 +49,8 @@ Model = Annotated[Path | None, typer.Option(
     help="Checkpoint directory (default: the embedded tiny model).")]
 Threads = Annotated[int | None, typer.Option(
     "--threads", metavar="N", min=1, show_default=False, rich_help_panel=MODEL,
-    help="Torch CPU threads of this process (default: torch's).")]
+    help=f"Torch CPU threads of this process (default: {DEFAULT_THREADS}, at most the CPUs available; "
+         "raise it for a big model on an idle many-core machine).")]
 BlockSize = Annotated[int, typer.Option(
     "--block-size", "--block", metavar="S", rich_help_panel=DECODING,
     help="Block size S: tokens denoised together.")]
@@ -55,7 +65,10 @@ MaxNewTokens = Annotated[int, typer.Option(
 Source = Annotated[str, typer.Argument(
     metavar="SOURCE", show_default=False, help="Prompts: a JSONL or Parquet file, or - for stdin.")]
 Out = Annotated[Path, typer.Option(
-    "--out", "-o", metavar="DIR", rich_help_panel=IO, help="Output directory (Parquet shards; resumable).")]
+    "--out", "-o", metavar="DIR", rich_help_panel=IO,
+    help="Output directory (Parquet shards; resumable), or - to stream rows to stdout as JSON lines "
+         "(the Parquet columns, in completion order, flushed per row; the summary goes to stderr; no "
+         "resume). A directory named - is ./-.")]
 ArScore = Annotated[bool | None, typer.Option(
     "--ar-score/--no-ar-score", rich_help_panel=DECODING, show_default=False,
     help="Score every row with the context tower (ar_logprob, ar_agreement columns). Default: AR "
@@ -104,7 +117,12 @@ Overwrite = Annotated[bool, typer.Option(
 FailOnError = Annotated[bool, typer.Option(
     "--fail-on-error/--no-fail-on-error", rich_help_panel=IO, help="Exit 4 when any row was rejected.")]
 Quiet = Annotated[bool, typer.Option(
-    "--quiet/--no-quiet", "-q", rich_help_panel=IO, help="No progress display and no notes on stderr.")]
+    "--quiet/--no-quiet", "-q", rich_help_panel=IO,
+    help="No progress display, no notes and no library warnings on stderr.")]
+LogEvery = Annotated[float, typer.Option(
+    "--log-every", metavar="SECONDS", min=0.01, rich_help_panel=IO,
+    help="When stderr is not a terminal (cron, a log file): one progress line this often, and at "
+         "the end.")]
 NumShards = Annotated[int | None, typer.Option(
     "--num-shards", metavar="N", show_default=False, rich_help_panel=SCALE_OUT,
     help="Job arrays: split the input into N disjoint shards by id hash; every task writes the same "
@@ -121,9 +139,10 @@ RayAddress = Annotated[str | None, typer.Option(
 RayActors = Annotated[int | None, typer.Option(
     "--ray-actors", metavar="N", min=1, show_default=False, rich_help_panel=SCALE_OUT,
     help="Ray actors, i.e. model replicas (default: autoscale to the cluster).")]
-RayCpus = Annotated[float, typer.Option(
-    "--ray-cpus", metavar="N", min=0.0, rich_help_panel=SCALE_OUT,
-    help="CPUs reserved per Ray actor; also its torch threads (at least 1).")]
+RayCpus = Annotated[float | None, typer.Option(
+    "--ray-cpus", metavar="N", min=0.0, show_default=False, rich_help_panel=SCALE_OUT,
+    help=f"CPUs reserved per Ray actor; also its torch threads (at least 1; default: {DEFAULT_THREADS}, "
+         "as --threads).")]
 RayBatchRows = Annotated[int | None, typer.Option(
     "--ray-batch-rows", metavar="N", min=1, show_default=False, rich_help_panel=SCALE_OUT,
     help="Rows per Ray actor call (default: 4 x --max-batch-rows).")]
@@ -145,6 +164,7 @@ class GenOptions:
     fail_on_error: bool = False
     quiet: bool = False
     ar_score: bool | None = None  # None: where it is free (AR, speculative rows)
+    log_every: float = DEFAULT_LOG_EVERY_S  # no terminal: a progress line this often (seconds)
 
 
 @dataclass(frozen=True)
@@ -168,7 +188,7 @@ class ScaleOut:
     ray: bool = False
     ray_address: str | None = None
     ray_actors: int | None = None
-    ray_cpus: float = 1.0
+    ray_cpus: float | None = None  # None: the --threads default
     ray_batch_rows: int | None = None
 
     @property

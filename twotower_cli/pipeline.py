@@ -8,7 +8,19 @@ connects them, for a local run and a Ray run alike (`generate`):
 
 The loop skips rows of other partition tasks and rows already done, logs the reader's rejects,
 stops taking input on a signal, commits what the decoder delivers (and the decoder's own rejects),
-commits the open shard every `commit_every_s`, reports progress and builds the summary:
+commits the open shard every `commit_every_s`, reports progress and builds the summary.
+
+The decoder (and so the model) is made only once the loop has found a row to decode: the output
+directory is opened first (its fingerprint checked from metadata, the done set rebuilt from the
+shards), the input is read up to the first row not done, and only then is `decoder()` called. A
+rerun with nothing left never loads the model (`nothing_to_do` in the summary). Rows rejected by an
+earlier run with the same fingerprint (e.g. a prompt too long for the model) would be rejected
+again: alone they do not count as something to do.
+
+Output goes to a run directory (`io.rundir.RunDir`, resumable) or, with `stream`, to a binary
+stream as JSON lines (`io.jsonl_out.JsonlSink`, `-o -`: no resume; a closed pipe ends the run).
+
+Signals:
 
     first SIGINT / SIGTERM   take no new rows, finish the rows in flight, commit, exit 3
     second signal            stop at once, commit the rows already finished, exit 3
@@ -33,15 +45,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from dataclasses import replace as dc_replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from . import errors
 from .batcher import Batcher, BatchPolicy
 from .config import DecodeParams
 from .engine import Engine, Request, Result
+from .io.jsonl_out import JsonlSink
 from .io.partition import Partition
-from .io.reader import read_rows
+from .io.reader import read_rows, row_excerpt
 from .io.rundir import RunDir
 from .io.schema import SCHEMA_VERSION, STATS_COLUMNS, PromptRow, RejectedRow
 
@@ -71,18 +85,29 @@ class RunConfig:
     ar_score: bool | None = None  # the AR score of each row: True all, False none, None AR/speculative rows
 
 
+COUNTERS = ("prefill_calls", "prefill_tokens", "prefill_padded_tokens", "denoiser_calls", "context_calls")
+
+
 @dataclass
 class Progress:
-    """Live counters, read by the progress display."""
+    """Live counters, read by the progress display (from another thread too: plain attributes)."""
 
     rows: int = 0
     skipped: int = 0
     rejected: int = 0
     other_shards: int = 0  # rows of other tasks of a partitioned run (not this task's to do)
     tokens: int = 0
-    steps: int = 0  # denoiser steps of diffusion / mock-AR rows, decode forwards of AR rows
+    # engine.request.Stats.steps: denoiser forwards (diffusion, mock-AR, speculative), the context
+    # forwards that chose a token (AR); tokens per step = tokens / steps (SPEC.md §3)
+    steps: int = 0
     started: float = field(default_factory=time.perf_counter)
     stopping: int = 0  # signals received
+    phase: str = "reading"  # reading (up to the first row to do), loading (the model), generating, done
+    decode_started: float | None = None  # when decoding began (the model loaded): rates count from here
+    model_load_s: float | None = None  # making the decoder: loading the model (None: not needed)
+    first_row_s: float | None = None  # from decode_started to the first committed row
+    nothing_to_do: bool = False  # every row was done before: the model was never loaded
+    output_closed: bool = False  # -o -: the reader of stdout went away (e.g. `| head`)
 
 
 def fingerprint(cfg: RunConfig) -> dict[str, Any]:
@@ -200,12 +225,21 @@ class LocalDecoder(Decoder):
     def decode(self, rows: Iterable[PromptRow], signals: Signals,
                is_done: Callable[[str], bool]) -> Iterator[Decoded | RejectedRow]:
         rejected: deque[RejectedRow] = deque()
+        last: list[PromptRow] = []
+
+        def pulled() -> Iterator[PromptRow]:
+            for r in rows:
+                last[:] = [r]
+                yield r
 
         def requests() -> Iterator[Request]:
-            for item in self.batcher(rows):
+            for item in self.batcher(pulled()):
                 if signals.stopping:
                     return  # take no new rows; the engine finishes those in flight
                 if isinstance(item, RejectedRow):
+                    # The batcher rejects a row as it pulls it: give its record an excerpt.
+                    if not item.raw and last and last[0].id == item.id:
+                        item = dc_replace(item, raw=row_excerpt(last[0]))
                     rejected.append(item)  # delivered before the next result, in the order pulled
                     continue
                 yield item
@@ -237,40 +271,102 @@ def output_record(res: Result, tokenizer: Any, eos_ids: Iterable[int], model: st
 
 
 def run(cfg: RunConfig, on_result: Callable[[Progress], None] | None = None,
-        notes: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Generate every row of `cfg.source` not yet in `cfg.out_dir`, in this process. Returns the
-    run summary."""
-    return generate(cfg, LocalDecoder(cfg), on_result, notes)
+        notes: Callable[[str], None] | None = None, *, load: Callable[[RunConfig], None] | None = None,
+        progress: Progress | None = None, stream: IO[bytes] | None = None,
+        on_reject: Callable[[RejectedRow], None] | None = None) -> dict[str, Any]:
+    """Generate every row of `cfg.source` not yet in `cfg.out_dir` (or, with `stream`, every row,
+    as JSON lines), in this process. `load(cfg)` fills in `cfg.model` and `cfg.tokenizer`; it is
+    called only once there is a row to decode. Returns the run summary."""
+
+    def decoder() -> Decoder:
+        if load is not None:
+            load(cfg)
+        return LocalDecoder(cfg)
+
+    return generate(cfg, decoder, on_result, notes, progress=progress, stream=stream, on_reject=on_reject)
 
 
-def generate(cfg: RunConfig, decoder: Decoder, on_result: Callable[[Progress], None] | None = None,
-             notes: Callable[[str], None] | None = None) -> dict[str, Any]:
+def generate(cfg: RunConfig, decoder: Decoder | Callable[[], Decoder],
+             on_result: Callable[[Progress], None] | None = None, notes: Callable[[str], None] | None = None,
+             *, progress: Progress | None = None, stream: IO[bytes] | None = None,
+             on_reject: Callable[[RejectedRow], None] | None = None) -> dict[str, Any]:
     """The one run loop: every row of `cfg.source` not yet in `cfg.out_dir`, decoded by `decoder`
-    and committed here. Returns the run summary (plus the decoder's entries)."""
-    prog = Progress()
+    (or by the decoder `decoder()` returns, called once there is a row to decode) and committed
+    here. With `stream`, rows go to it as JSON lines and rejects to `on_reject`. Returns the run
+    summary (plus the decoder's entries)."""
+    prog = progress or Progress()
     rows = read_rows(cfg.source, prompt_field=cfg.prompt_field, id_field=cfg.id_field, limit=cfg.limit)
-    with RunDir(cfg.out_dir, fingerprint(cfg), overwrite=cfg.overwrite, rows_per_shard=cfg.rows_per_shard,
-                partition=cfg.partition) as rd:
+    dec = decoder if isinstance(decoder, Decoder) else None
+    if stream is not None:
+        sink: RunDir | JsonlSink = JsonlSink(stream, on_reject)
+    else:
+        sink = RunDir(cfg.out_dir, fingerprint(cfg), overwrite=cfg.overwrite, rows_per_shard=cfg.rows_per_shard,
+                      partition=cfg.partition)
+    with sink as rd:
         for n in rd.notes:
             if notes:
                 notes(n)
+        sig = Signals(prog)
+        todo = admit(rows, rd, cfg.partition, prog, sig)
         try:
-            with decoder, Signals(prog) as sig:  # after the decoder starts: our handlers are the ones installed
-                todo = admit(rows, rd, cfg.partition, prog, sig)
-                commit(decoder.decode(todo, sig, rd.is_done), rd, prog, cfg.commit_every_s, on_result)
-        except KeyboardInterrupt:  # interruptible() cut a wait short, or a signal beat our handlers: stop now
+            with sig:  # reading up to the first row to do: a signal here stops the run (exit 3)
+                held = first_to_do(todo, rd)
+            if not held and not prog.stopping:
+                prog.nothing_to_do = True
+            elif not prog.stopping:
+                prog.phase = "loading"
+                if on_result:
+                    on_result(prog)
+                t0 = time.perf_counter()
+                if dec is None:
+                    dec = decoder()  # type: ignore[operator]  # loads the model
+                    prog.model_load_s = round(time.perf_counter() - t0, 3)
+                prog.phase = "generating"
+                prog.started = prog.decode_started = time.perf_counter()
+                with dec, Signals(prog) as sig:  # after the decoder starts: our handlers are the ones installed
+                    items = dec.decode(_chain(held, todo), sig, rd.is_done)
+                    commit(items, rd, prog, cfg.commit_every_s, on_result)
+        except KeyboardInterrupt:  # a signal while loading, or interruptible() cut a wait short: stop now
             prog.stopping = max(prog.stopping, 2)
+        if prog.nothing_to_do:
+            prog.rejected += len(getattr(rd, "rejected_again", ()))
+        error = dec.error if dec is not None else None
+        complete = not prog.stopping and error is None and rows.exhausted is True and not prog.output_closed
+        prog.phase = "done"
         if on_result:
             on_result(prog)
-        rd.close(complete=not prog.stopping and decoder.error is None)
-    out = summarize(cfg, prog, decoder.counters, rd.errors.path)
-    out.update(decoder.summary())
-    if decoder.error:  # e.g. a failed Ray job: what was delivered is committed; a rerun resumes
-        out.update(error=decoder.error, complete=False, exit_code=errors.EXIT_FAILED)
+        rd.close(complete=complete)
+    out = summarize(cfg, prog, dec.counters if dec is not None else dict.fromkeys(COUNTERS, 0), rd.errors_path)
+    out.update(complete=complete, rows_in_output=rd.rows_committed, nothing_to_do=prog.nothing_to_do,
+               input_exhausted=bool(rows.exhausted), model_load_s=prog.model_load_s, first_row_s=prog.first_row_s)
+    if stream is not None:
+        out.update(out_dir="-", output_closed=prog.output_closed)
+    if dec is not None:
+        out.update(dec.summary())
+    if error:  # e.g. a failed Ray job: what was delivered is committed; a rerun resumes
+        out.update(error=error, complete=False, exit_code=errors.EXIT_FAILED)
     return out
 
 
-def admit(rows: Iterable[PromptRow | RejectedRow], rd: RunDir, partition: Partition | None, prog: Progress,
+def first_to_do(todo: Iterator[PromptRow], rd: RunDir | JsonlSink) -> list[PromptRow]:
+    """Read `todo` up to its first row that is not a repeat of a row an earlier run rejected
+    (which would be rejected again). Returns the rows read, that row last; [] when there is none
+    (the repeats are then kept in `rd.rejected_again`)."""
+    held: list[PromptRow] = []
+    for r in todo:
+        held.append(r)
+        if not rd.was_rejected(r):
+            return held
+    rd.rejected_again = held
+    return []
+
+
+def _chain(held: list[PromptRow], rest: Iterator[PromptRow]) -> Iterator[PromptRow]:
+    yield from held
+    yield from rest
+
+
+def admit(rows: Iterable[PromptRow | RejectedRow], rd: RunDir | JsonlSink, partition: Partition | None, prog: Progress,
           signals: Signals) -> Iterator[PromptRow]:
     """The rows to decode: this task's, not done, valid (the reader's rejects are logged here).
     Stops reading at the first signal."""
@@ -281,41 +377,49 @@ def admit(rows: Iterable[PromptRow | RejectedRow], rd: RunDir, partition: Partit
             prog.other_shards += 1
             continue
         if isinstance(r, RejectedRow):
-            rd.errors.add(r)  # logged once across resumes, counted on every run that reads it
+            rd.reject(r)  # logged once across resumes, counted on every run that reads it
             prog.rejected += 1
             continue
         if rd.is_done(r.id):
             prog.skipped += 1
             continue
         yield r
-    rd.errors.sync()  # the whole input is read: its rejects are durable
+    rd.sync_rejects()  # the whole input is read: its rejects are durable
 
 
-def commit(items: Iterable[Decoded | RejectedRow], rd: RunDir, prog: Progress, commit_every_s: float,
+def commit(items: Iterable[Decoded | RejectedRow], rd: RunDir | JsonlSink, prog: Progress, commit_every_s: float,
            on_result: Callable[[Progress], None] | None) -> None:
-    """Write what a decoder delivers through the run directory (the only writer), committing the
-    open shard at least every `commit_every_s`."""
+    """Write what a decoder delivers through the run directory or stream (the only writer),
+    committing the open shard at least every `commit_every_s`. A stream whose reader went away
+    (`-o - | head`) stops the run at once, like a second signal."""
     last_commit = time.monotonic()
     for item in items:
+        if prog.output_closed:
+            continue  # the decoder stops at its next step; nothing more can be written
         if isinstance(item, RejectedRow):
-            rd.errors.add(item)
+            rd.reject(item)
             prog.rejected += 1
             continue
-        rd.add(item.record)
+        if not rd.add(item.record):
+            prog.output_closed = True
+            prog.stopping = max(prog.stopping, 2)  # the decoder stops now (Signals.now)
+            continue
         prog.rows += 1
         prog.tokens += item.record["completion_tokens"]
         prog.steps += item.steps
+        if prog.first_row_s is None and prog.decode_started is not None:
+            prog.first_row_s = round(time.perf_counter() - prog.decode_started, 3)
         if on_result:
             on_result(prog)
         if time.monotonic() - last_commit > commit_every_s:
-            rd.writer.flush()
-            rd.errors.sync()
+            rd.checkpoint()
             last_commit = time.monotonic()
 
 
-def summarize(cfg: RunConfig, prog: Progress, c: dict[str, int], errors_file: Path) -> dict[str, Any]:
-    """The run summary printed as JSON."""
-    elapsed = time.perf_counter() - prog.started
+def summarize(cfg: RunConfig, prog: Progress, c: dict[str, int], errors_file: Path | None) -> dict[str, Any]:
+    """The run summary printed as JSON. Rates count decoding time (after the model loaded);
+    `mean_tokens_per_step` is Σ completion tokens / Σ steps (engine.request.Stats.steps)."""
+    elapsed = time.perf_counter() - prog.started if prog.decode_started is not None else 0.0
     padded = c["prefill_padded_tokens"]
     out = {
         "out_dir": str(cfg.out_dir), "rows_written": prog.rows, "rows_skipped_done": prog.skipped,
@@ -325,9 +429,9 @@ def summarize(cfg: RunConfig, prog: Progress, c: dict[str, int], errors_file: Pa
         "mean_tokens_per_step": round(prog.tokens / prog.steps, 3) if prog.steps else 0.0,
         "prefill_padding_waste": round(1 - c["prefill_tokens"] / padded, 4) if padded else 0.0,
         "denoiser_calls": c["denoiser_calls"], "context_calls": c["context_calls"],
-        "interrupted": bool(prog.stopping), "complete": not prog.stopping,
-        "errors_file": str(errors_file),
-        "exit_code": errors.EXIT_INTERRUPTED if prog.stopping else errors.EXIT_OK,
+        "interrupted": bool(prog.stopping) and not prog.output_closed, "complete": not prog.stopping,
+        "errors_file": None if errors_file is None else str(errors_file),
+        "exit_code": errors.EXIT_INTERRUPTED if prog.stopping and not prog.output_closed else errors.EXIT_OK,
     }
     if cfg.partition is not None:
         out["shard"] = {"index": cfg.partition.index, "count": cfg.partition.count,

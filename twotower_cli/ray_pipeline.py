@@ -125,15 +125,23 @@ def import_ray():
 
 
 def run(cfg: RunConfig, opts: RayOptions, on_result: Callable[[Progress], None] | None = None,
-        notes: Callable[[str], None] | None = None) -> dict[str, Any]:
+        notes: Callable[[str], None] | None = None, *, prepare: Callable[[], None] | None = None,
+        progress: Progress | None = None) -> dict[str, Any]:
     """Generate every row of `cfg.source` not yet in `cfg.out_dir` on Ray actors. Returns the summary
     of `pipeline.run` plus a "ray" entry; on a failed Ray job the summary has "error" and exit 1.
 
+    `prepare()` (the driver's checks of the checkpoint) runs once there is a row to decode.
     Signals: the first SIGINT/SIGTERM stops when the next batch arrives, the second at once; the
     rows received are committed, those in flight on the actors are redone by the next run (exit 3).
     """
     ray = import_ray()
-    return generate(cfg, RayDecoder(ray, cfg, opts, notes or (lambda _m: None)), on_result, notes)
+
+    def decoder() -> RayDecoder:  # made once there is a row to decode (a no-op rerun starts no Ray)
+        if prepare is not None:
+            prepare()
+        return RayDecoder(ray, cfg, opts, notes or (lambda _m: None))
+
+    return generate(cfg, decoder, on_result, notes, progress=progress)
 
 
 class RayDecoder(Decoder):

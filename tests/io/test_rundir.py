@@ -314,18 +314,22 @@ def test_kill_9_mid_write_loses_and_duplicates_nothing(tmp_path):
 def test_read_run_summary(tmp_path):
     out = tmp_path / "out"
     with RunDir(out, FP, rows_per_shard=3) as run:
-        run.add(rec(0, mode="ar", tokens_per_step=1.0, finish_reason="length", latency_s=0.5))
-        run.add(rec(1, mode="diffusion", tokens_per_step=3.5, completion_tokens=16))
-        run.add(rec(2, mode="diffusion", tokens_per_step=5.5, completion_tokens=16))
-        run.add(rec(3, mode="mock-ar", tokens_per_step=None, latency_s=None))
+        # AR's steps are its completion tokens (its denoiser_steps column is 0)
+        run.add(rec(0, mode="ar", tokens_per_step=1.0, finish_reason="length", latency_s=0.5, denoiser_steps=0))
+        run.add(rec(1, mode="diffusion", tokens_per_step=3.5, completion_tokens=14, denoiser_steps=4))
+        run.add(rec(2, mode="diffusion", tokens_per_step=5.5, completion_tokens=22, denoiser_steps=4))
+        run.add(rec(3, mode="mock-ar", tokens_per_step=None, latency_s=None, denoiser_steps=4))
         run.errors.add(RejectedRow(8, None, "bad", ""))
     s = read_run(out)
     assert s["rows"] == 4 and s["shards"] == 2 and s["rejected"] == 1
     assert s["modes"] == {"diffusion": 2, "mock-ar": 1, "ar": 1}
     assert s["finish_reasons"] == {"eos": 3, "length": 1}
-    assert s["completion_tokens"] == 4 + 16 + 16 + 4
+    assert s["completion_tokens"] == 4 + 14 + 22 + 4
     tps = s["tokens_per_step"]
-    assert tps["by_mode"] == {"diffusion": 4.5, "ar": 1.0} and tps["mean"] == pytest.approx(10 / 3)
+    # One definition everywhere (summary, bench, stats): Σ completion tokens / Σ steps, not the
+    # mean of the rows' ratios (which would give diffusion 4.5 only by chance and 10/3 overall)
+    assert tps["by_mode"] == {"diffusion": 36 / 8, "mock-ar": 1.0, "ar": 1.0}
+    assert tps["mean"] == pytest.approx(44 / 16)
     assert tps["histogram"]["1-1.5"] == 1 and tps["histogram"]["3-4"] == 1 and tps["histogram"]["4-6"] == 1
     assert sum(tps["histogram"].values()) == 3
     assert s["latency_s"]["max"] == 0.5 and s["throughput"]["wall_s"] >= 0.5
@@ -333,6 +337,14 @@ def test_read_run_summary(tmp_path):
     orjson.dumps(s)  # JSON-able, for `twotower stats --json`
     text = render_summary(s)
     assert "rows        4 in 2 shard(s); rejected 1" in text and "diffusion 2" in text
+
+
+def test_read_run_refuses_a_directory_without_a_run(tmp_path):
+    from twotower_cli.io.rundir import RunDirError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunDirError, match="holds no twotower run"):
+        read_run(tmp_path / "empty")
 
 
 def test_read_run_empty_directory(tmp_path):

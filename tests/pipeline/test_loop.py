@@ -97,8 +97,11 @@ def test_loop_commits_rejects_resumes_and_summarizes(tmp_path):
     s = generate(cfg_for(src, out, limit=8), Echo(), on_result=lambda p: seen.append(p.rows))
     assert s["rows_written"] == 7 and s["rows_rejected"] == 1 and s["completion_tokens"] == 14
     assert s["mean_tokens_per_step"] == 2.0 and s["denoiser_calls"] == 7 and s["exit_code"] == 0
-    assert s["complete"] and not s["interrupted"] and "shard" not in s and "error" not in s
-    assert seen == [1, 2, 3, 4, 5, 6, 7, 7]  # after each row, and once at the end
+    # --limit stopped the read with input left: not complete (nothing was interrupted either)
+    assert not s["complete"] and not s["input_exhausted"] and not s["interrupted"]
+    assert "shard" not in s and "error" not in s and s["rows_in_output"] == 7
+    assert orjson.loads((out / ".manifest.json").read_bytes())["complete"] is False
+    assert seen == [0, 1, 2, 3, 4, 5, 6, 7, 7]  # once the decoder is made, after each row, and at the end
     assert ids(out) == sorted(f"r{i}" for i in range(8) if i != 4)
     dec = Echo()
     s = generate(cfg_for(src, out), dec)  # resume: only the rest is decoded; rejects are redone
@@ -106,6 +109,7 @@ def test_loop_commits_rejects_resumes_and_summarizes(tmp_path):
     assert s["rows_written"] == 2 and s["rows_rejected"] == 2  # the decoder's and the reader's
     assert len((out / ".errors.jsonl").read_text().splitlines()) == 2  # each logged once
     assert orjson.loads((out / ".manifest.json").read_bytes())["complete"] is True
+    assert s["complete"] and s["input_exhausted"] and not s["nothing_to_do"]
 
 
 def test_loop_partition_keeps_its_rows(tmp_path):

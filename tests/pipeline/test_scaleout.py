@@ -196,11 +196,12 @@ def test_driver_commit_drops_redelivered_rows(tmp_path):
             return None
 
         def decode(self, rows, signals, is_done):
+            list(rows)  # submitted, as RayDecoder does first
             for b in (batch("a", "b", "c"), batch("b", "c", "d")):
                 yield from self.unpack(b, is_done)
 
-    src = tmp_path / "empty.jsonl"
-    src.write_bytes(b"")
+    src = tmp_path / "in.jsonl"  # the rows to do (the replayed batches stand for their decoding)
+    src.write_bytes(b"".join(orjson.dumps({"id": i, "prompt": "p"}) + b"\n" for i in "abcd"))
     cfg = RunConfig(source=str(src), out_dir=tmp_path / "out", model=None, tokenizer=None, model_name="m",
                     model_fingerprint="f", rows_per_shard=2)
     s = generate(cfg, Replay(None, cfg, RayOptions(model_path=tmp_path), lambda _m: None))

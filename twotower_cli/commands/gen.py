@@ -1,22 +1,37 @@
-"""`twotower gen`: build a run from flags, drive the pipeline with a progress display, print the summary."""
+"""`twotower gen`: plan a run from flags, drive the pipeline with a progress display, print the summary.
+
+Order of work, so that a rerun with nothing left costs well under a second and no torch:
+  1. torch-free: the checkpoint's path and fingerprint (commands._ckpt), partition and device flags;
+  2. the pipeline opens the output directory (fingerprint checked from its manifest: a changed
+     checkpoint is refused, exit 2), rebuilds the done set from the shards and reads the input up
+     to the first row to do; none: "nothing to do", exit 0;
+  3. only then `load()`: torch, threads, devices, the model and tokenizer.
+With `-o -` rows stream to stdout as JSON lines and the summary goes to stderr (no resume).
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
-import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import DecodeParams
 from ..errors import EXIT_REJECTS, UserError
-from ..options import GenOptions, Placement, ScaleOut
+from ..options import DEFAULT_THREADS, GenOptions, Placement, ScaleOut
+from . import _ckpt
 
 if TYPE_CHECKING:
-    from ..pipeline import Progress, RunConfig
+    from ..io.schema import RejectedRow
+    from ..pipeline import RunConfig
 
 # torch, the model and the pipeline are imported by the functions that use them: `twotower gen
-# --help` and a flag error need none of them.
+# --help`, a flag error and a no-op rerun need none of them.
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda|mps|xpu|meta|hpu|xla|privateuseone)(:\d+)?$")
 
 
 def count_input_rows(source: str, limit: int | None) -> int | None:
@@ -43,26 +58,74 @@ def count_input_rows(source: str, limit: int | None) -> int | None:
     return min(n, limit) if limit is not None else n
 
 
-def build(run: GenOptions, decode: DecodeParams, placement: Placement, scale: ScaleOut) -> RunConfig:
-    """Check the devices, load the model and tokenizer, and assemble the pipeline's RunConfig."""
-    import torch
+def streaming(run: GenOptions) -> bool:
+    """`-o -`: rows to stdout as JSON lines. (A directory named - is `-o ./-`.)"""
+    return str(run.out) == "-"
 
+
+def default_threads() -> int:
+    """--threads / --ray-cpus default: DEFAULT_THREADS (measured, README), never more than the
+    CPUs this process may run on."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(DEFAULT_THREADS, cpus))
+
+
+def plan(run: GenOptions, decode: DecodeParams, placement: Placement, scale: ScaleOut) -> RunConfig:
+    """Everything that needs no torch: the checkpoint's path and fingerprint, the partition and
+    the device flags' shape. The model and tokenizer are filled in by `load`."""
     from ..io.partition import from_flags
-    from ..model.checkpoint import default_checkpoint, fingerprint, load_model, place_towers_on_devices
-    from ..model.tokenizer import load_tokenizer
     from ..pipeline import RunConfig
 
-    path = placement.model or default_checkpoint()
+    path = placement.model or _ckpt.default_checkpoint()
     if path is None:
         raise UserError("no --model given and this build has no embedded model")
+    fp = _ckpt.fingerprint(path)  # a missing or broken checkpoint is one line, exit 2
     try:
         partition = from_flags(scale.num_shards, scale.shard_index)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if (placement.ctx_device or placement.den_device) and placement.device:
+        raise UserError("give --device, or --ctx-device/--den-device, not both")
+    for d in (placement.device, placement.ctx_device, placement.den_device):
+        if d and not _DEVICE_RE.match(d):
+            raise UserError(f"unknown device {d!r}")
+    if streaming(run) and scale.use_ray:
+        raise UserError("-o - streams rows from this process; it does not combine with --ray")
+    return RunConfig(
+        source=run.source, out_dir=run.out, model=None, tokenizer=None, model_name=Path(path).resolve().name,
+        model_fingerprint=fp, defaults=decode, max_batch_rows=run.max_batch_rows,
+        max_batch_tokens=run.max_batch_tokens, rows_per_shard=run.rows_per_shard,
+        prompt_field=run.prompt_field, id_field=run.id_field, limit=run.limit,
+        overwrite=run.overwrite, partition=partition, ar_score=run.ar_score,
+    )
+
+
+def quiet_third_parties() -> None:
+    """-q: no warnings from libraries (transformers' advisories, Python warnings) on stderr."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    import logging
+
+    for name in ("transformers", "tokenizers", "huggingface_hub", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def load(cfg: RunConfig, decode: DecodeParams, placement: Placement, scale: ScaleOut) -> None:
+    """Torch, threads, devices, then the model and tokenizer into `cfg` (called by the pipeline
+    once there is a row to decode)."""
+    import torch
+
+    from ..model.checkpoint import load_model, place_towers_on_devices
+    from ..model.tokenizer import load_tokenizer
+
+    path = placement.model or _ckpt.default_checkpoint()
     use_ray = scale.use_ray
     device, ctx_dev, den_dev = placement.device, placement.ctx_device, placement.den_device
-    if (ctx_dev or den_dev) and device:
-        raise UserError("give --device, or --ctx-device/--den-device, not both")
     for d in (device, ctx_dev, den_dev):
         if d:
             try:
@@ -71,8 +134,7 @@ def build(run: GenOptions, decode: DecodeParams, placement: Placement, scale: Sc
                 raise UserError(f"unknown device {d!r}") from None
             if dev.type == "cuda" and not torch.cuda.is_available() and not use_ray:  # Ray: the workers' GPUs
                 raise UserError(f"device {d!r} asked for, but CUDA is not available")
-    if placement.threads:
-        torch.set_num_threads(placement.threads)
+    torch.set_num_threads(placement.threads or default_threads())
     if use_ray:  # the actors load the weights; the driver checks the checkpoint's keys and shapes only
         model = load_model(path, device="meta")
     else:
@@ -84,98 +146,78 @@ def build(run: GenOptions, decode: DecodeParams, placement: Placement, scale: Sc
         raise UserError(f"{path} has no denoiser tower: only --mode ar works with it")
     if decode.mask_token_id >= model.config.vocab_size:
         raise UserError(f"--mask-token-id {decode.mask_token_id} is outside the vocabulary")
-    return RunConfig(
-        source=run.source, out_dir=run.out, model=model, tokenizer=tok, model_name=Path(path).resolve().name,
-        model_fingerprint=fingerprint(path), defaults=decode, max_batch_rows=run.max_batch_rows,
-        max_batch_tokens=run.max_batch_tokens, rows_per_shard=run.rows_per_shard,
-        prompt_field=run.prompt_field, id_field=run.id_field, limit=run.limit,
-        overwrite=run.overwrite, partition=partition, ar_score=run.ar_score,
-    )
+    cfg.model, cfg.tokenizer = model, tok
 
 
-def _run_ray(cfg: RunConfig, run: GenOptions, placement: Placement, scale: ScaleOut, on_result,
-             notes) -> dict[str, Any]:
+def _run_ray(cfg: RunConfig, run: GenOptions, placement: Placement, scale: ScaleOut, prepare, on_result,
+             notes, progress) -> dict[str, Any]:
     from .. import ray_pipeline
-    from ..model.checkpoint import default_checkpoint
 
     ray_opts = ray_pipeline.RayOptions(
-        model_path=placement.model or default_checkpoint(), address=scale.ray_address, actors=scale.ray_actors,
-        cpus_per_actor=1.0 if scale.ray_cpus is None else scale.ray_cpus, batch_rows=scale.ray_batch_rows,
-        device=placement.device, ctx_device=placement.ctx_device, den_device=placement.den_device,
-        dtype=placement.dtype, quiet=run.quiet,
+        model_path=placement.model or _ckpt.default_checkpoint(), address=scale.ray_address,
+        actors=scale.ray_actors, cpus_per_actor=float(default_threads()) if scale.ray_cpus is None else scale.ray_cpus,
+        batch_rows=scale.ray_batch_rows, device=placement.device, ctx_device=placement.ctx_device,
+        den_device=placement.den_device, dtype=placement.dtype, quiet=run.quiet,
     )
-    return ray_pipeline.run(cfg, ray_opts, on_result=on_result, notes=notes)
+    return ray_pipeline.run(cfg, ray_opts, on_result=on_result, notes=notes, prepare=prepare, progress=progress)
 
 
-class Display:
-    """A rich progress bar on stderr: rows, generated tokens/s, mean tokens per step, rejects, ETA."""
-
-    def __init__(self, total: int | None, quiet: bool):
-        self.bar = None
-        self.last = 0.0
-        if quiet:
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        console = Console(stderr=True)
-        cols = [TextColumn("[bold]gen"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                TimeRemainingColumn()]
-        self.bar = Progress(*cols, console=console, transient=False)
-        self.task = self.bar.add_task("gen", total=total, info="")
-
-    def __enter__(self) -> Display:
-        if self.bar:
-            self.bar.start()
-        return self
-
-    def update(self, p: Progress, force: bool = False) -> None:
-        self.p = p
-        now = time.perf_counter()
-        if not self.bar or (now - self.last < 0.2 and not force):
-            return
-        self.last = now
-        el = max(now - p.started, 1e-9)
-        tps = p.tokens / p.steps if p.steps else 0.0
-        info = f"{p.tokens / el:,.0f} tok/s  {tps:.2f} tok/step  skipped {p.skipped}  rejected {p.rejected}"
-        if p.stopping:
-            info += "  [yellow]stopping…"
-        self.bar.update(self.task, completed=p.rows + p.skipped + p.rejected, info=info)
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if self.bar:
-            if exc_type is not None:
-                # An error (bad input, locked or mismatched directory) is reported as one line on
-                # stderr: erase the bar instead of leaving it above the message.
-                self.bar.live.transient = True
-            elif getattr(self, "p", None):
-                self.update(self.p, force=True)
-            self.bar.stop()
+def _rejected_line(r: RejectedRow) -> str:
+    return "rejected: " + json.dumps(r.to_dict(), ensure_ascii=False)
 
 
 def run_gen(run: GenOptions, decode: DecodeParams, placement: Placement, scale: ScaleOut) -> int:
     """The whole `twotower gen`: returns the exit code. User-fixable errors propagate (the CLI prints
     them as one line, exit 2)."""
+    from ..pipeline import Progress
+    from ..progress import display
+
     if scale.use_ray:  # before loading anything: a missing extra is one line, exit 2
         from ..ray_pipeline import import_ray
 
         import_ray()
-    cfg = build(run, decode, placement, scale)
+    if run.quiet:
+        quiet_third_parties()
+    cfg = plan(run, decode, placement, scale)
+    stream = streaming(run)
     # A task of a job array does about 1/N of the input: no total (and no ETA) rather than a wrong one.
     total = count_input_rows(run.source, run.limit) if cfg.partition is None else None
-    notes = (lambda m: print(f"note: {m}", file=sys.stderr)) if not run.quiet else None
-    with Display(total, run.quiet) as disp:
+    notes = (lambda m: print(f"note: {m}", file=sys.stderr, flush=True)) if not run.quiet else None
+    prog = Progress()
+    with display(prog, total, quiet=run.quiet, log_every=run.log_every) as disp:
         if scale.use_ray:
-            summary = _run_ray(cfg, run, placement, scale, disp.update, notes)
+            summary = _run_ray(cfg, run, placement, scale, lambda: load(cfg, decode, placement, scale),
+                               disp.update, notes, prog)
         else:
             from ..pipeline import run as run_pipeline
 
-            summary = run_pipeline(cfg, on_result=disp.update, notes=notes)
+            out_stream = None
+            if stream:
+                sys.stdout.flush()
+                out_stream = sys.stdout.buffer
+            on_reject = None if run.quiet else (lambda r: print(_rejected_line(r), file=sys.stderr, flush=True))
+            summary = run_pipeline(cfg, on_result=disp.update, notes=notes, progress=prog, stream=out_stream,
+                                   on_reject=on_reject, load=lambda c: load(c, decode, placement, scale))
     if run.fail_on_error and summary["rows_rejected"] and not summary["exit_code"]:
         summary["exit_code"] = EXIT_REJECTS
-    print(json.dumps(summary))
+    print(json.dumps(summary), file=sys.stderr if stream else sys.stdout, flush=True)
+    where = "stdout" if stream else str(run.out)
     if summary.get("error"):  # a failed Ray job: what was committed stays; a rerun resumes
-        print(f"error: {summary['error']}; rerun the same command to resume", file=sys.stderr)
-    if summary["rows_rejected"] and not run.quiet:
+        print(f"error: {summary['error']}; {summary['rows_written']} row(s) committed, rerun the same command "
+              "to resume", file=sys.stderr)
+    elif summary["nothing_to_do"]:
+        if not run.quiet:
+            n = summary["rows_in_output"]
+            again = f" ({summary['rows_rejected']} rejected, see {summary['errors_file']})" \
+                if summary["rows_rejected"] and summary["errors_file"] else ""
+            print(f"nothing to do: {n} rows already in {where}{again}", file=sys.stderr)
+    elif summary["interrupted"]:
+        if stream:
+            print(f"interrupted: {summary['rows_written']} row(s) written to stdout; -o - does not resume",
+                  file=sys.stderr)
+        else:
+            print(f"interrupted: {summary['rows_written']} row(s) committed this run, {summary['rows_in_output']} "
+                  f"in {where} in all; rerun the same command to resume", file=sys.stderr)
+    if summary["rows_rejected"] and not run.quiet and summary["errors_file"] and not summary["nothing_to_do"]:
         print(f"note: {summary['rows_rejected']} row(s) rejected, see {summary['errors_file']}", file=sys.stderr)
     return summary["exit_code"]

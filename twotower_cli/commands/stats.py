@@ -1,4 +1,6 @@
-"""`twotower stats DIR`: rows, modes, finish reasons, tokens-per-step histogram, throughput."""
+"""`twotower stats DIR`: rows, modes, finish reasons, tokens-per-step histogram, throughput.
+
+Torch-free (pyarrow only): a directory that holds no run is one line, exit 2."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ import io
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -42,7 +42,8 @@ import pyarrow.parquet as pq
 from ..config import ConfigError, DecodeParams
 from .schema import INT64_MAX, InputError, PromptRow, RejectedRow, SourceFormat
 
-__all__ = ["read_rows", "PromptRow", "RejectedRow", "InputError", "OVERRIDE_FIELDS", "MAX_LINE_BYTES"]
+__all__ = ["read_rows", "Rows", "row_excerpt", "PromptRow", "RejectedRow", "InputError", "OVERRIDE_FIELDS",
+           "MAX_LINE_BYTES"]
 
 OVERRIDE_FIELDS = ("gamma", "max_new_tokens", "temperature", "mode", "seed")
 MAX_LINE_BYTES = 16 << 20  # a longer line is rejected without being held in memory
@@ -60,30 +61,96 @@ class _Reject(Exception):
         self.reason, self.row_id = reason, row_id
 
 
+class Rows:
+    """The rows of one source, in order (an iterator). After iteration ends, `exhausted` says
+    whether the whole input was read: False when `limit` stopped it with more rows left, None
+    while unknown (not iterated to the end yet)."""
+
+    def __init__(self, records: Iterator[_Record], more: _More, prompt_field: str, id_field: str,
+                 limit: int | None):
+        self.exhausted: bool | None = None
+        self._it = self._rows(records, more, prompt_field, id_field, limit)
+
+    def __iter__(self) -> Rows:
+        return self
+
+    def __next__(self) -> PromptRow | RejectedRow:
+        return next(self._it)
+
+    def _rows(self, records: Iterator[_Record], more: _More, prompt_field: str, id_field: str,
+              limit: int | None) -> Iterator[PromptRow | RejectedRow]:
+        seen: set[str] = set()
+        repeats: dict[str, int] = {}  # content hash -> occurrences so far (rows without an id only)
+        n = 0
+        if limit == 0:
+            self.exhausted = not more(records)
+            return
+        for line_no, raw, obj, fmt in records:
+            yield _validate(line_no, raw, obj, fmt, prompt_field, id_field, seen, repeats)
+            n += 1
+            if limit is not None and n >= limit:
+                # Before reading another row: with stdin, unread input stays unread.
+                self.exhausted = not more(records)
+                return
+        self.exhausted = True
+
+
 def read_rows(
     source: str | Path,
     *,
     prompt_field: str = "prompt",
     id_field: str = "id",
     limit: int | None = None,
-) -> Iterator[PromptRow | RejectedRow]:
-    """Yield every input row in order, valid or rejected. `source` is a path or "-" for stdin.
+) -> Rows:
+    """Every input row in order, valid or rejected. `source` is a path or "-" for stdin.
 
     Raises InputError (one line, for exit code 2) when the source cannot be opened or is not a
     readable Parquet file; that is checked eagerly, before the first row is requested.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise InputError(f"limit must be a non-negative integer, got {limit!r}")
-    records = _open_records(source, prompt_field, id_field)
-    return _validate_all(records, prompt_field, id_field, limit)
+    records, more = _open_records(source, prompt_field, id_field)
+    return Rows(records, more, prompt_field, id_field, limit)
+
+
+def row_excerpt(row: PromptRow) -> str:
+    """An excerpt of a valid row's prompt, for the error record of a row rejected after reading
+    (e.g. a prompt too long for the model)."""
+    return row.prompt_text()[:EXCERPT_CHARS]
 
 
 # ---- sources: yield (line_no, raw input, parsed dict | _Reject, format) --------------------------
 
 _Record = tuple[int, "bytes | dict[str, Any]", "dict[str, Any] | _Reject", SourceFormat]
+# Whether the source holds another row after `limit` stopped the read (for `Rows.exhausted`).
+_More = Callable[[Iterator[_Record]], bool]
 
 
-def _open_records(source: str | Path, prompt_field: str, id_field: str) -> Iterator[_Record]:
+def _next_record(records: Iterator[_Record]) -> bool:
+    """A file: read one more record (cheap), then close the source."""
+    try:
+        return next(records, None) is not None
+    finally:
+        close = getattr(records, "close", None)
+        if close:
+            close()
+
+
+def _peek_more(stream: Any) -> _More:
+    """stdin: look at what is buffered without consuming it (the rest of the pipe stays unread);
+    only blank lines left count as no more rows."""
+
+    def more(_records: Iterator[_Record]) -> bool:
+        try:
+            head = stream.peek(1 << 16)
+        except (OSError, ValueError, EOFError, AttributeError):
+            return True  # unknown: do not claim the input was consumed
+        return bool(head.strip())
+
+    return more
+
+
+def _open_records(source: str | Path, prompt_field: str, id_field: str) -> tuple[Iterator[_Record], _More]:
     if str(source) == "-":
         if sys.stdin is None or getattr(sys.stdin, "closed", False):  # e.g. started by a service manager with no stdin
             raise InputError("input '-' given but there is no standard input")
@@ -97,10 +164,10 @@ def _open_records(source: str | Path, prompt_field: str, id_field: str) -> Itera
             spool = tempfile.TemporaryFile(prefix="twotower-stdin-", suffix=".parquet")
             shutil.copyfileobj(stream, spool, 1 << 20)
             spool.seek(0)
-            return _parquet_records(spool, "<stdin>", prompt_field, id_field)
+            return _parquet_records(spool, "<stdin>", prompt_field, id_field), _next_record
         if head.startswith(_GZIP_MAGIC):
             stream = gzip.GzipFile(fileobj=stream, mode="rb")
-        return _jsonl_records(stream, close=False)
+        return _jsonl_records(stream, close=False), _peek_more(stream)
     path = Path(source)
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed by the generator that owns it
@@ -109,10 +176,10 @@ def _open_records(source: str | Path, prompt_field: str, id_field: str) -> Itera
     except OSError as e:
         raise InputError(f"cannot read {path}: {e.strerror or e}") from None
     if head == _PARQUET_MAGIC or path.suffix.lower() in (".parquet", ".pq"):
-        return _parquet_records(f, str(path), prompt_field, id_field)
+        return _parquet_records(f, str(path), prompt_field, id_field), _next_record
     if head.startswith(_GZIP_MAGIC):
-        return _jsonl_records(gzip.GzipFile(fileobj=f, mode="rb"), close=True, owner=f)
-    return _jsonl_records(f, close=True)
+        return _jsonl_records(gzip.GzipFile(fileobj=f, mode="rb"), close=True, owner=f), _next_record
+    return _jsonl_records(f, close=True), _next_record
 
 
 def _jsonl_records(f: IO[bytes], *, close: bool, owner: IO[bytes] | None = None) -> Iterator[_Record]:
@@ -206,21 +273,6 @@ def _parquet_rows(pf: pq.ParquetFile, f: IO[bytes], name: str, columns: list[str
 
 
 # ---- validation ----------------------------------------------------------------------------------
-
-
-def _validate_all(
-    records: Iterator[_Record], prompt_field: str, id_field: str, limit: int | None
-) -> Iterator[PromptRow | RejectedRow]:
-    if limit == 0:
-        return
-    seen: set[str] = set()
-    repeats: dict[str, int] = {}  # content hash -> occurrences so far (rows without an id only)
-    n = 0
-    for line_no, raw, obj, fmt in records:
-        yield _validate(line_no, raw, obj, fmt, prompt_field, id_field, seen, repeats)
-        n += 1
-        if limit is not None and n >= limit:
-            return  # before reading another line: with stdin, unread input stays unread
 
 
 def _validate(

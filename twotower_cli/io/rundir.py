@@ -60,7 +60,7 @@ import pyarrow.parquet as pq
 from ..errors import UserError
 from .durable import atomic_write_bytes, fsync_dir
 from .partition import Partition
-from .schema import META_FINGERPRINT, SCHEMA_VERSION
+from .schema import META_FINGERPRINT, SCHEMA_VERSION, PromptRow, RejectedRow
 from .writer import ErrorLog, ShardInfo, ShardWriter
 
 # ---- names ----------------------------------------------------------------------------------------
@@ -293,6 +293,7 @@ class RunDir:
         self.manifest_path = self.out_dir / self.layout.manifest
         self.notes: list[str] = []
         self.done_ids: set[str] = set()
+        self.rejected_again: list[PromptRow] = []  # set by the run loop (pipeline.first_to_do)
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -333,8 +334,36 @@ class RunDir:
         """Committed in a shard, or already written to the open shard by this process."""
         return row_id in self.done_ids or self.writer.is_pending(row_id)
 
-    def add(self, record: dict[str, Any]) -> None:
+    def add(self, record: dict[str, Any]) -> bool:
+        """Write a finished row (committed with its shard). True: written (a stream's sink may say
+        False when its reader has gone; a directory never does)."""
         self.writer.add(record)
+        return True
+
+    def reject(self, row: RejectedRow) -> None:
+        """Log a rejected row (once across resumes)."""
+        self.errors.add(row)
+
+    def sync_rejects(self) -> None:
+        self.errors.sync()
+
+    def checkpoint(self) -> None:
+        """Commit the open shard and make the rejects durable (bounds what a crash can cost)."""
+        self.writer.flush()
+        self.errors.sync()
+
+    def was_rejected(self, row: PromptRow) -> bool:
+        """An earlier run of this directory (same fingerprint) rejected this very row."""
+        return self.errors.was_rejected(row.line_no, row.id)
+
+    @property
+    def errors_path(self) -> Path:
+        return self.errors.path
+
+    @property
+    def rows_committed(self) -> int:
+        """Rows in this layout's committed shards (those of earlier runs and this one's so far)."""
+        return len(self.done_ids)
 
     @property
     def manifest(self) -> dict[str, Any]:

@@ -1,7 +1,11 @@
 """`twotower stats`: summarise an output directory from its committed shards, read-only.
 
 Takes no lock and reads only `part-*.parquet` (plus .manifest.json and .errors.jsonl when present),
-so it can watch a run in progress: it sees exactly the committed rows. A partitioned run (a job
+so it can watch a run in progress: it sees exactly the committed rows. Tokens per step is the one
+definition of the summary and `bench` (engine.request.Stats, SPEC.md §3): Σ completion tokens /
+Σ steps, a row's steps being its denoiser forwards (diffusion, mock-AR, speculative) or, for AR,
+its completion tokens (one context forward chose each); the histogram bins each row's own
+`tokens_per_step` column. A partitioned run (a job
 array, see io.partition) is summarised as one: the union of every task's shards, manifests and
 rejects. Columns are streamed in
 record batches and aggregated with pyarrow.compute, so memory stays flat for any run size.
@@ -20,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import MODES
-from .rundir import ANY_SHARD_RE, ERRORS_RE, MANIFEST_RE
+from .rundir import ANY_SHARD_RE, ERRORS_RE, MANIFEST_RE, RunDirError
 from .writer import read_errors
 
 # Tokens-per-step bins: AR and mock-AR sit at exactly 1; diffusion spreads up to the block size.
@@ -43,11 +47,13 @@ def read_run(out_dir: str | Path) -> dict[str, Any]:
     entries = sorted(os.listdir(out))
     manifest, partition = _read_manifests(out, [e for e in entries if MANIFEST_RE.match(e)])
     shards = [e for e in entries if ANY_SHARD_RE.match(e)]
+    if manifest is None and not shards:
+        raise RunDirError(f"{out} holds no twotower run (no .manifest.json and no part-*.parquet shards)")
     modes: Counter[str] = Counter()
     finish: Counter[str] = Counter()
     sums = dict.fromkeys(_SUMS, 0)
-    tps_sum: Counter[str] = Counter()
-    tps_n: Counter[str] = Counter()
+    tok_by_mode: Counter[str] = Counter()
+    steps_by_mode: Counter[str] = Counter()
     hist = [0] * (len(TPS_EDGES) + 1)
     lat_sum, lat_n, lat_max = 0.0, 0, None
     first_start = last_end = None
@@ -63,8 +69,9 @@ def read_run(out_dir: str | Path) -> dict[str, Any]:
                 for c in _SUMS:
                     if c in t.column_names:
                         sums[c] += pc.sum(t[c]).as_py() or 0
+                _accumulate_steps(t, tok_by_mode, steps_by_mode)
                 if "tokens_per_step" in t.column_names:
-                    _accumulate_tps(t, tps_sum, tps_n, hist)
+                    _accumulate_hist(t, hist)
                 if "latency_s" in t.column_names:
                     lat = t["latency_s"]
                     lat_sum += pc.sum(lat).as_py() or 0.0
@@ -78,7 +85,7 @@ def read_run(out_dir: str | Path) -> dict[str, Any]:
                     first_start = lo if first_start is None else min(first_start, lo)
                     last_end = hi if last_end is None else max(last_end, hi)
     wall = (last_end - first_start) if first_start is not None else None
-    all_n = sum(tps_n.values())
+    all_tok, all_steps = sum(tok_by_mode.values()), sum(steps_by_mode.values())
     return {
         "out_dir": str(out),
         "schema_version": (manifest or {}).get("schema_version"),
@@ -93,8 +100,10 @@ def read_run(out_dir: str | Path) -> dict[str, Any]:
         "finish_reasons": dict(finish.most_common()),
         **sums,
         "tokens_per_step": {
-            "mean": sum(tps_sum.values()) / all_n if all_n else None,
-            "by_mode": {m: tps_sum[m] / tps_n[m] for m in _ordered(tps_n, MODES)},
+            # Σ completion tokens / Σ steps, overall and per mode (see the module docstring)
+            "mean": all_tok / all_steps if all_steps else None,
+            "by_mode": {m: tok_by_mode[m] / steps_by_mode[m] for m in _ordered(steps_by_mode, MODES)
+                        if steps_by_mode[m]},
             "histogram": dict(zip(tps_bin_labels(), hist, strict=True)),
         },
         "latency_s": {"mean": lat_sum / lat_n if lat_n else None, "max": lat_max},
@@ -138,16 +147,24 @@ def _counts(t: pa.Table, col: str) -> dict[str, int]:
                                                              vc.field("counts").to_pylist(), strict=True)}
 
 
-def _accumulate_tps(t: pa.Table, tps_sum: Counter, tps_n: Counter, hist: list[int]) -> None:
+def _accumulate_steps(t: pa.Table, tokens: Counter, steps: Counter) -> None:
+    """Σ completion tokens and Σ steps per mode: a row's steps are its completion tokens for AR
+    (one context forward chose each) and its denoiser steps otherwise."""
+    names = t.column_names
+    if "completion_tokens" not in names or "denoiser_steps" not in names:
+        return
+    mode = pc.fill_null(t["mode"], "null") if "mode" in names else pa.chunked_array(
+        [pa.array(["null"] * t.num_rows, pa.string())])
+    tok = pc.fill_null(t["completion_tokens"], 0)
+    st = pc.if_else(pc.equal(mode, "ar"), tok, pc.fill_null(t["denoiser_steps"], 0))
+    g = pa.table({"mode": mode, "tok": tok, "st": st}).group_by("mode").aggregate([("tok", "sum"), ("st", "sum")])
+    for m, a, b in zip(g["mode"].to_pylist(), g["tok_sum"].to_pylist(), g["st_sum"].to_pylist(), strict=True):
+        tokens[m] += a or 0
+        steps[m] += b or 0
+
+
+def _accumulate_hist(t: pa.Table, hist: list[int]) -> None:
     tps = t["tokens_per_step"]
-    mode = t["mode"] if "mode" in t.column_names else pa.chunked_array([pa.nulls(t.num_rows, pa.string())])
-    g = pa.table({"mode": pc.fill_null(mode, "null"), "tps": tps}).group_by("mode").aggregate(
-        [("tps", "sum"), ("tps", "count")]
-    )
-    for m, s, n in zip(g["mode"].to_pylist(), g["tps_sum"].to_pylist(), g["tps_count"].to_pylist(), strict=True):
-        if n:
-            tps_sum[m] += s
-            tps_n[m] += n
     edges = (float("-inf"), *TPS_EDGES, float("inf"))
     for i in range(len(hist)):
         inside = pc.and_(pc.greater_equal(tps, edges[i]), pc.less(tps, edges[i + 1]))
@@ -175,7 +192,7 @@ def render_summary(s: dict[str, Any]) -> str:
         "  finish      " + (", ".join(f"{m} {n:,}" for m, n in s["finish_reasons"].items()) or "-"),
         f"  tokens      prompt {s['prompt_tokens']:,}, completion {s['completion_tokens']:,}",
         f"  steps       denoiser {s['denoiser_steps']:,}, context forwards {s['context_forwards']:,}",
-        f"  tok/step    mean {num(s['tokens_per_step']['mean'])}"
+        f"  tok/step    {num(s['tokens_per_step']['mean'])} (Σ completion tokens / Σ steps)"
         + "".join(f", {m} {num(v)}" for m, v in s["tokens_per_step"]["by_mode"].items()),
     ]
     hist = s["tokens_per_step"]["histogram"]

@@ -230,11 +230,14 @@ class ErrorLog:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._keys: set[tuple[int, str]] = set()
+        self._rows: set[tuple[int, str]] = set()  # (line_no, id) of the rows logged with an id
         self.count = 0
         if self.path.exists():
             _truncate_torn_tail(self.path)
             for rec in read_errors(self.path):
                 self._keys.add(_key(rec))
+                if rec.get("id") is not None:
+                    self._rows.add((rec.get("line_no"), rec["id"]))
             self.count = len(self._keys)
         self._f = open(self.path, "ab")  # noqa: SIM115 - owned for the log's lifetime
         self._dirty = False
@@ -248,9 +251,15 @@ class ErrorLog:
         self._f.write(orjson.dumps(rec) + b"\n")
         self._f.flush()
         self._keys.add(key)
+        if row.id is not None:
+            self._rows.add((row.line_no, row.id))
         self.count += 1
         self._dirty = True
         return True
+
+    def was_rejected(self, line_no: int, row_id: str) -> bool:
+        """The row on `line_no` with id `row_id` is logged as rejected."""
+        return (line_no, row_id) in self._rows
 
     def sync(self) -> None:
         if self._dirty and not self._f.closed:
