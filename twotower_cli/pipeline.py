@@ -47,17 +47,21 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from dataclasses import replace as dc_replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from . import errors
-from .batcher import Batcher, BatchPolicy
 from .config import DecodeParams
-from .engine import Engine, Request, Result
 from .io.jsonl_out import JsonlSink
 from .io.partition import Partition
 from .io.reader import read_rows, row_excerpt
 from .io.rundir import RunDir
 from .io.schema import SCHEMA_VERSION, STATS_COLUMNS, PromptRow, RejectedRow
+
+if TYPE_CHECKING:
+    from .engine import Request, Result
+
+# The batcher and the engine (torch) are imported by LocalDecoder when it is made: a rerun with
+# nothing left to do never imports torch.
 
 EXIT_INTERRUPTED = errors.EXIT_INTERRUPTED  # aliases: commands import them from here
 EXIT_REJECTS = errors.EXIT_REJECTS
@@ -210,6 +214,9 @@ class LocalDecoder(Decoder):
     """Batcher (length order) + Engine in this process, on `cfg.model`."""
 
     def __init__(self, cfg: RunConfig):
+        from .batcher import Batcher, BatchPolicy
+        from .engine import Engine
+
         self.cfg = cfg
         config = cfg.model.config
         self.batcher = Batcher(cfg.tokenizer, cfg.defaults, config.max_position_embeddings,
