@@ -132,6 +132,7 @@ class Signals:
         self.progress = progress
         self.saved: dict[int, Any] = {}
         self._blocked = False
+        self._eager = False
 
     @property
     def stopping(self) -> int:
@@ -150,6 +151,15 @@ class Signals:
         finally:
             self._blocked = False
 
+    @contextlib.contextmanager
+    def eager(self) -> Iterator[None]:
+        """Any signal raises KeyboardInterrupt at once (e.g. while the model loads: nothing to finish)."""
+        self._eager = True
+        try:
+            yield
+        finally:
+            self._eager = False
+
     def __enter__(self) -> Signals:
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
@@ -158,7 +168,7 @@ class Signals:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.progress.stopping += 1
-        if self.progress.stopping > 1 and self._blocked:
+        if self._eager or (self.progress.stopping > 1 and self._blocked):
             raise KeyboardInterrupt
 
     def __exit__(self, *exc: object) -> None:
@@ -326,8 +336,11 @@ def generate(cfg: RunConfig, decoder: Decoder | Callable[[], Decoder],
                     on_result(prog)
                 t0 = time.perf_counter()
                 if dec is None:
-                    dec = decoder()  # type: ignore[operator]  # loads the model
+                    rd.note_phase("loading")
+                    with sig, sig.eager():  # a signal while loading stops the run at once (exit 3)
+                        dec = decoder()  # type: ignore[operator]  # loads the model
                     prog.model_load_s = round(time.perf_counter() - t0, 3)
+                rd.note_phase("generating")
                 prog.phase = "generating"
                 prog.started = prog.decode_started = time.perf_counter()
                 with dec, Signals(prog) as sig:  # after the decoder starts: our handlers are the ones installed

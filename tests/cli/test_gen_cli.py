@@ -147,7 +147,9 @@ def wait_running(proc: subprocess.Popen, out: Path, shards_at_least: int = 0, ti
             holder = orjson.loads(lock.read_bytes() or b"{}")
         except (OSError, orjson.JSONDecodeError):
             holder = {}
-        if holder.get("pid") == proc.pid and len(shards(out)) >= before + shards_at_least:
+        # The lock is taken before the model loads: wait for the run to be generating.
+        if (holder.get("pid") == proc.pid and holder.get("phase") == "generating"
+                and len(shards(out)) >= before + shards_at_least):
             return True
         time.sleep(0.01)
     proc.kill()

@@ -73,6 +73,9 @@ class JsonlSink:
     def reject(self, row: RejectedRow) -> None:
         self.rejected.append(row) if self.on_reject is None else self.on_reject(row)
 
+    def note_phase(self, phase: str) -> None:
+        return None
+
     def sync_rejects(self) -> None:
         return None
 

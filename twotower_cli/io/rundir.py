@@ -234,6 +234,16 @@ class RunLock:
         os.pwrite(fd, orjson.dumps(me) + b"\n", 0)
         os.fsync(fd)
         self._fd = fd
+        self._me = me
+
+    def note(self, **fields: Any) -> None:
+        """Add fields to the holder note (e.g. phase=generating, for operators and tests)."""
+        if self._fd is None:
+            return
+        self._me = {**self._me, **fields}
+        data = orjson.dumps(self._me) + b"\n"
+        os.pwrite(self._fd, data, 0)
+        os.ftruncate(self._fd, len(data))
 
     def release(self) -> None:
         if self._fd is None:
@@ -339,6 +349,10 @@ class RunDir:
         False when its reader has gone; a directory never does)."""
         self.writer.add(record)
         return True
+
+    def note_phase(self, phase: str) -> None:
+        """Record in the lock's holder note what this run is doing (`loading`, `generating`)."""
+        self._lock.note(phase=phase)
 
     def reject(self, row: RejectedRow) -> None:
         """Log a rejected row (once across resumes)."""
