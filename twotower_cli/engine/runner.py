@@ -122,11 +122,9 @@ class Runner:
         slots = [r.slot for r in g]
         ids = [r.commit_ids() for r in g]
         lens = [len(x) for x in ids]
-        ids_t = torch.zeros(len(g), n, dtype=torch.long)
-        for b, x in enumerate(ids):
-            ids_t[b, : lens[b]] = torch.tensor(x, dtype=torch.long)
-        ids_t = ids_t.to(self.device)  # (B, n)
-        n_valid = torch.tensor(lens, device=self.device) if min(lens) < n else None
+        ragged = min(lens) < n
+        ids_t = torch.tensor([x + [0] * (n - len(x)) for x in ids] if ragged else ids, device=self.device)  # (B, n)
+        n_valid = torch.tensor(lens, device=self.device) if ragged else None
         state = self.pool.view(slots)
         old = state.lengths.clone()
         ar = [i for i, r in enumerate(g) if r.p.mode == "ar"]
