@@ -122,8 +122,9 @@ def run(model_path: Path | None, decode: DecodeParams, gammas: tuple[float, ...]
     path = model_path or default_checkpoint()
     if path is None:
         raise UserError("no --model given and this build has no embedded model")
-    if threads:
-        torch.set_num_threads(threads)
+    from .gen import default_threads
+
+    torch.set_num_threads(threads or default_threads())  # the same default as gen (options.DEFAULT_THREADS)
     model = load_model(path).eval()
     tok = load_tokenizer(path)
     items = eval_set(n_per_task=n_per_task, seed=seed)
