@@ -112,16 +112,6 @@ def test_noop_rerun_with_a_changed_checkpoint_is_refused(model_dir, tmp_path):
     assert "checkpoint" in one_line_error(r.stderr)
 
 
-def test_torch_free_fingerprint_equals_the_model_one(model_dir):
-    from twotower_cli.commands import _ckpt
-    from twotower_cli.model.checkpoint import default_checkpoint, fingerprint
-
-    assert _ckpt.fingerprint(model_dir) == fingerprint(model_dir)
-    if default_checkpoint() is not None:
-        assert _ckpt.default_checkpoint() == default_checkpoint()
-        assert _ckpt.fingerprint(default_checkpoint()) == fingerprint(default_checkpoint())
-
-
 def test_limit_is_not_complete_and_the_rest_resumes(model_dir, tmp_path):
     src = write_jsonl(tmp_path / "p.jsonl", prompts(6))
     out = tmp_path / "out"

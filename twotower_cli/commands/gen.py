@@ -1,7 +1,7 @@
 """`twotower gen`: plan a run from flags, drive the pipeline with a progress display, print the summary.
 
 Order of work, so that a rerun with nothing left costs well under a second and no torch:
-  1. torch-free: the checkpoint's path and fingerprint (commands._ckpt), partition and device flags;
+  1. torch-free: the checkpoint's path and fingerprint (model.files), partition and device flags;
   2. the pipeline opens the output directory (fingerprint checked from its manifest: a changed
      checkpoint is refused, exit 2), rebuilds the done set from the shards and reads the input up
      to the first row to do; none: "nothing to do", exit 0;
@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import DecodeParams
 from ..errors import EXIT_REJECTS, UserError
+from ..model import files as ckpt
 from ..options import DEFAULT_THREADS, GenOptions, Placement, ScaleOut
-from . import _ckpt
 
 if TYPE_CHECKING:
     from ..io.schema import RejectedRow
@@ -79,10 +79,10 @@ def plan(run: GenOptions, decode: DecodeParams, placement: Placement, scale: Sca
     from ..io.partition import from_flags
     from ..pipeline import RunConfig
 
-    path = placement.model or _ckpt.default_checkpoint()
+    path = placement.model or ckpt.default_checkpoint()
     if path is None:
         raise UserError("no --model given and this build has no embedded model")
-    fp = _ckpt.fingerprint(path)  # a missing or broken checkpoint is one line, exit 2
+    fp = ckpt.fingerprint(path)  # a missing or broken checkpoint is one line, exit 2
     try:
         partition = from_flags(scale.num_shards, scale.shard_index)
     except ValueError as e:
@@ -123,7 +123,7 @@ def load(cfg: RunConfig, decode: DecodeParams, placement: Placement, scale: Scal
     from ..model.checkpoint import load_model, place_towers_on_devices
     from ..model.tokenizer import load_tokenizer
 
-    path = placement.model or _ckpt.default_checkpoint()
+    path = placement.model or ckpt.default_checkpoint()
     use_ray = scale.use_ray
     device, ctx_dev, den_dev = placement.device, placement.ctx_device, placement.den_device
     for d in (device, ctx_dev, den_dev):
@@ -154,7 +154,7 @@ def _run_ray(cfg: RunConfig, run: GenOptions, placement: Placement, scale: Scale
     from .. import ray_pipeline
 
     ray_opts = ray_pipeline.RayOptions(
-        model_path=placement.model or _ckpt.default_checkpoint(), address=scale.ray_address,
+        model_path=placement.model or ckpt.default_checkpoint(), address=scale.ray_address,
         actors=scale.ray_actors, cpus_per_actor=float(default_threads()) if scale.ray_cpus is None else scale.ray_cpus,
         batch_rows=scale.ray_batch_rows, device=placement.device, ctx_device=placement.ctx_device,
         den_device=placement.den_device, dtype=placement.dtype, quiet=run.quiet,

@@ -14,7 +14,6 @@ Two layouts load:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,25 +24,25 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ModelConfig
-from ..errors import UserError
+from .files import (  # noqa: F401  (re-exported: the checkpoint API in one place)
+    ASSET_CHECKPOINT,
+    INDEX_FILE,
+    SINGLE_FILE,
+    TOKENIZER_FILES,
+    CheckpointError,
+    checkpoint_dir,
+    default_checkpoint,
+    fingerprint,
+    weight_files,
+)
 from .twotower import TwoTower
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"
-)
 # Keys some NemotronH checkpoints carry that no mode here uses (multi-token prediction heads).
 IGNORED_PREFIXES = ("mtp.",)
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-ASSET_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 
 DeviceLike = str | torch.device
-
-
-class CheckpointError(UserError):
-    """A checkpoint directory that cannot be loaded; the message is one line, meant for users."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -51,57 +50,14 @@ class CheckpointError(UserError):
 # ------------------------------------------------------------------------------------------------
 
 
-def default_checkpoint() -> Path | None:
-    """The embedded tiny checkpoint shipped in the wheel, if this build has one."""
-    return ASSET_CHECKPOINT if (ASSET_CHECKPOINT / "config.json").is_file() else None
-
-
-def _checkpoint_dir(path: str | os.PathLike) -> Path:
-    root = Path(path)
-    if not root.exists():
-        raise CheckpointError(f"checkpoint directory not found: {root}")
-    if not root.is_dir():
-        raise CheckpointError(f"checkpoint path is not a directory: {root}")
-    if not (root / "config.json").is_file():
-        raise CheckpointError(f"no config.json in {root}")
-    return root
-
-
 def read_config(path: str | os.PathLike) -> ModelConfig:
-    root = _checkpoint_dir(path)
+    root = checkpoint_dir(path)
     try:
         return ModelConfig.from_pretrained(root)
     except (ConfigError, ValueError, TypeError, ArithmeticError, AttributeError) as e:
         # ConfigError for the checks ModelConfig makes; the others for values of a wrong type
         # or range that slip past them (e.g. num_key_value_heads = 0).
         raise CheckpointError(f"bad config.json in {root}: {_one_line(e)}") from None
-
-
-def _weight_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
-    """The safetensors files of a checkpoint and, when sharded, the index's key -> file map."""
-    index = root / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"unreadable index {index}: {e}") from None
-        names = sorted(set(weight_map.values()))
-        for name in names:
-            # Shard names are plain file names inside the checkpoint directory, never paths.
-            if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
-                raise CheckpointError(f"index {index} references an invalid shard name {name!r}")
-            if not (root / name).is_file():
-                raise CheckpointError(f"index {index} references missing shard {name}")
-        return [root / n for n in names], weight_map
-    single = root / SINGLE_FILE
-    if single.is_file():
-        return [single], None
-    hint = ""
-    if any((root / n).exists() for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        hint = " (pickle checkpoints such as pytorch_model.bin are never loaded; convert to safetensors)"
-    raise CheckpointError(f"no weights in {root}: expected {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
 
 def _open(file: Path, device: str = "cpu"):
@@ -141,7 +97,7 @@ def _scan_headers(root: Path) -> tuple[dict[str, _Entry], bool]:
     """Every tensor's (file, key, shape, dtype) by our parameter name, without reading data.
 
     Returns (entries, ar_only)."""
-    files, weight_map = _weight_files(root)
+    files, weight_map = weight_files(root)
     raw: dict[str, _Entry] = {}
     for file in files:
         with _open(file) as f:
@@ -242,7 +198,7 @@ def load_model(
     shapes and returns a model without data (e.g. to count parameters).
     dtype: see `resolve_dtype`. Raises `CheckpointError` with a one-line message.
     """
-    root = _checkpoint_dir(path)
+    root = checkpoint_dir(path)
     cfg = read_config(root)
     entries, ar_only = _scan_headers(root)
     try:
@@ -404,7 +360,7 @@ def place_towers_on_devices(model: TwoTower, ctx_device: DeviceLike, den_device:
 
 def weight_dtypes(path: str | os.PathLike) -> dict[str, int]:
     """Parameters stored per dtype ("bfloat16": n, ...), read from the headers only."""
-    entries, _ = _scan_headers(_checkpoint_dir(path))
+    entries, _ = _scan_headers(checkpoint_dir(path))
     names = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
     out: dict[str, int] = {}
     for e in entries.values():
@@ -414,29 +370,3 @@ def weight_dtypes(path: str | os.PathLike) -> dict[str, int]:
         key = names.get(e.dtype, e.dtype.lower())
         out[key] = out.get(key, 0) + n
     return out
-
-
-def fingerprint(path: str | os.PathLike) -> str:
-    """A short stable hash identifying a checkpoint's contents, cheap to compute at any size.
-
-    Covers config.json, the shard index, the tokenizer files and every safetensors file's name,
-    size and header (key names, dtypes, shapes, offsets); not the tensor bytes themselves.
-    """
-    root = _checkpoint_dir(path)
-    files, _ = _weight_files(root)
-    h = hashlib.sha256()
-    for name in ("config.json", INDEX_FILE, *TOKENIZER_FILES):
-        f = root / name
-        if f.is_file():
-            h.update(f"{name}\0".encode())
-            h.update(f.read_bytes())
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            head = fh.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 0 < n <= min(size - 8, 100 << 20):
-                raise CheckpointError(f"corrupt safetensors file {f}: bad header length")
-            h.update(fh.read(n))
-    return h.hexdigest()[:16]

@@ -1,0 +1,94 @@
+"""Which files a checkpoint directory holds, and its fingerprint: plain Python, no torch.
+
+A run decides whether there is anything to do (and refuses a changed checkpoint) before torch
+loads, so the facts it needs about a checkpoint live here; `model.checkpoint` loads the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ..errors import UserError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"
+)
+ASSET_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "tiny"
+
+
+class CheckpointError(UserError):
+    """A checkpoint directory that cannot be loaded; the message is one line, meant for users."""
+
+
+def default_checkpoint() -> Path | None:
+    """The embedded tiny checkpoint shipped in the wheel, if this build has one."""
+    return ASSET_CHECKPOINT if (ASSET_CHECKPOINT / "config.json").is_file() else None
+
+
+def checkpoint_dir(path: str | os.PathLike) -> Path:
+    root = Path(path)
+    if not root.exists():
+        raise CheckpointError(f"checkpoint directory not found: {root}")
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint path is not a directory: {root}")
+    if not (root / "config.json").is_file():
+        raise CheckpointError(f"no config.json in {root}")
+    return root
+
+
+def weight_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of a checkpoint and, when sharded, the index's key -> file map."""
+    index = root / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"unreadable index {index}: {e}") from None
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            # Shard names are plain file names inside the checkpoint directory, never paths.
+            if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+                raise CheckpointError(f"index {index} references an invalid shard name {name!r}")
+            if not (root / name).is_file():
+                raise CheckpointError(f"index {index} references missing shard {name}")
+        return [root / n for n in names], weight_map
+    single = root / SINGLE_FILE
+    if single.is_file():
+        return [single], None
+    hint = ""
+    if any((root / n).exists() for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        hint = " (pickle checkpoints such as pytorch_model.bin are never loaded; convert to safetensors)"
+    raise CheckpointError(f"no weights in {root}: expected {SINGLE_FILE} or {INDEX_FILE}{hint}")
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """A short stable hash identifying a checkpoint's contents, cheap to compute at any size.
+
+    Covers config.json, the shard index, the tokenizer files and every safetensors file's name,
+    size and header (key names, dtypes, shapes, offsets); not the tensor bytes themselves.
+    """
+    root = checkpoint_dir(path)
+    files, _ = weight_files(root)
+    h = hashlib.sha256()
+    for name in ("config.json", INDEX_FILE, *TOKENIZER_FILES):
+        f = root / name
+        if f.is_file():
+            h.update(f"{name}\0".encode())
+            h.update(f.read_bytes())
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= min(size - 8, 100 << 20):
+                raise CheckpointError(f"corrupt safetensors file {f}: bad header length")
+            h.update(fh.read(n))
+    return h.hexdigest()[:16]
