@@ -43,5 +43,15 @@ def random_model(cfg: ModelConfig | None = None, seed: int = 0, ar_only: bool = 
     return model.eval()
 
 
+@torch.no_grad()
+def peaked_model(seed: int, scale: float = 6.0) -> TwoTower:
+    """`random_model` with both heads scaled: decisions have margins, as a trained model's do, so
+    that floating-point batch effects (~1e-7) do not flip near-ties."""
+    m = random_model(seed=seed)
+    m.lm_head.weight.mul_(scale)
+    m.context_lm_head.weight.mul_(scale)
+    return m
+
+
 def rand_ids(shape, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from model_helpers import random_model
+from model_helpers import peaked_model
 
 from twotower_cli.config import DecodeParams
 from twotower_cli.engine import Engine, Request
@@ -17,11 +17,7 @@ MODES = ("diffusion", "mock-ar", "ar", "speculative")
 
 @pytest.fixture(scope="module")
 def peaked():
-    m = random_model(seed=9)
-    with torch.no_grad():
-        m.lm_head.weight.mul_(6)
-        m.context_lm_head.weight.mul_(6)
-    return m
+    return peaked_model(seed=9)
 
 
 def full_forward_score(model, prompt: list[int], completion: list[int]) -> tuple[float, float]:

@@ -7,8 +7,7 @@ import random
 from dataclasses import replace
 
 import pytest
-import torch
-from model_helpers import random_model
+from model_helpers import peaked_model
 
 from twotower_cli.config import DecodeParams
 from twotower_cli.engine import Engine, Request
@@ -22,12 +21,7 @@ EOS = {2}
 
 @pytest.fixture(scope="module")
 def peaked():
-    """Random weights, heads scaled so that decisions have margins (as a trained model's do)."""
-    m = random_model(seed=5)
-    with torch.no_grad():
-        m.lm_head.weight.mul_(6)
-        m.context_lm_head.weight.mul_(6)
-    return m
+    return peaked_model(seed=5)
 
 
 def prompts(n: int, seed: int = 0, vocab: int = 256) -> list[list[int]]:
