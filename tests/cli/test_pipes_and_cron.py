@@ -188,3 +188,16 @@ def test_stats_imports_no_torch(model_dir, tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
                        cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stderr.decode()
+
+
+def test_cuda_asked_for_without_cuda_touches_no_directory(model_dir, tmp_path):
+    """A device the machine lacks is refused before the output directory is created."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    src = write_jsonl(tmp_path / "p.jsonl", prompts(2))
+    out = tmp_path / "out"
+    r = gen(model_dir, str(src), "-o", str(out), "--device", "cuda", code=2, quiet=False)
+    assert "CUDA is not available" in one_line_error(r.stderr)
+    assert not out.exists()

@@ -92,6 +92,11 @@ def plan(run: GenOptions, decode: DecodeParams, placement: Placement, scale: Sca
     for d in (placement.device, placement.ctx_device, placement.den_device):
         if d and not _DEVICE_RE.match(d):
             raise UserError(f"unknown device {d!r}")
+        if d and d.startswith("cuda") and not scale.use_ray:  # Ray: the workers' GPUs
+            import torch  # only when CUDA is asked for: refuse before the output directory is touched
+
+            if not torch.cuda.is_available():
+                raise UserError(f"device {d!r} asked for, but CUDA is not available")
     if streaming(run) and scale.use_ray:
         raise UserError("-o - streams rows from this process; it does not combine with --ray")
     return RunConfig(
