@@ -43,7 +43,7 @@ def ar_alone(model, row, p, i, eos=EOS):
 @pytest.mark.parametrize("temperature,seed", [(0.0, 0), (1.0, 3), (0.7, 11), (1.5, 4)])
 def test_speculative_equals_ar_batch1(peaked, temperature, seed):
     rows = prompts(5, seed=seed)
-    for gamma, S in ((0.5, 8), (0.9, 4)):
+    for gamma, S in ((0.5, 8), (0.9, 4), (0.5, 1)):  # S = 1: no drafts, every round a verify (AR)
         params = [DecodeParams(mode="speculative", gamma=gamma, block_size=S, steps_per_block=S,
                                temperature=temperature, seed=seed, max_new_tokens=7 + 5 * i) for i in range(len(rows))]
         res = decode(peaked, rows, params, max_batch_rows=1)

@@ -144,7 +144,7 @@ class Row:
         self.xt = torch.full((self.p.block_size,), self.p.mask_token_id, dtype=torch.long)
         self.xt[0] = pending
         self.k = 0
-        self.phase = Phase.DENOISE
+        self.phase = Phase.DENOISE if self.p.block_size > 1 else Phase.COMMIT  # S = 1: nothing to draft
 
     def verified(self, accepted: list[int], token: int, eos: set[int]) -> None:
         """Speculative: the drafts AR agreed with, then AR's own token (at the first disagreement,
