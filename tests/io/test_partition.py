@@ -139,9 +139,10 @@ def test_open_keeps_other_tasks_tmp_files(tmp_path):
     rd.close()
     plain = tmp_path / "plain"
     write_task(plain, None, range(3))
-    (plain / ".stray.tmp").write_bytes(b"x")  # the unpartitioned layout's old behaviour holds
+    (plain / ".stray.tmp").write_bytes(b"x")  # of no known layout: not ours, so never removed
+    (plain / ".part-00007.parquet.tmp").write_bytes(b"x")  # the unpartitioned layout's own: removed
     RunDir(plain, FP).close()
-    assert not (plain / ".stray.tmp").exists()
+    assert (plain / ".stray.tmp").read_bytes() == b"x" and not (plain / ".part-00007.parquet.tmp").exists()
 
 
 def test_overwrite_clears_conflicting_layouts_keeps_same_settings(tmp_path):

@@ -10,7 +10,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from twotower_cli.io.rundir import Layout
+from twotower_cli.io.rundir import Layout, RunDirError
 from twotower_cli.io.schema import (
     COLUMN_NAMES,
     META_FINGERPRINT,
@@ -152,8 +152,8 @@ def test_write_failure_discards_open_shard(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(pq.ParquetWriter, "write_table", boom)
-    with pytest.raises(OSError):
-        w.add(rec(2))
+    with pytest.raises(RunDirError, match=r"cannot write .*part-00000.* No space left.*committed shards are kept"):
+        w.add(rec(2))  # one line (a UserError: exit 2), naming the file
     assert w.failed and os.listdir(tmp_path) == []  # the .tmp is gone, nothing committed
     assert not w.is_pending("1")
     with pytest.raises(RuntimeError, match="failed"):
@@ -189,7 +189,7 @@ def test_errorlog_append_dedupe_and_torn_last_line(tmp_path):
     # Reopening cuts the torn tail, so the next append starts on a fresh line.
     log = ErrorLog(p)
     assert log.count == 2
-    assert not log.add(RejectedRow(7, "k", "duplicate id", ""))  # re-read on resume: not duplicated
+    assert not log.add(RejectedRow(7, "k", "duplicate id", '{"id": "k"}'))  # re-read on resume: not duplicated
     assert log.add(RejectedRow(9, None, "not a JSON object", "[1]"))
     log.close()
     lines = p.read_bytes().splitlines()

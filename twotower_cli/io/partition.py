@@ -1,7 +1,7 @@
 """Deterministic input partitions for job arrays: `--num-shards N --shard-index I`.
 
 Row r belongs to shard `blake2b(key(r)) mod N`, where key(r) is the row id (explicit or the
-reader's content-derived `h-...` id), or `#line:<n>` for a rejected row that has no id. The hash
+reader's content-derived `h-...` id), or `#raw:<reason, excerpt>` for a rejected row that has no id. The hash
 is keyed and stable across processes, hosts and Python versions (never Python's `hash()`, which is
 salted per process), so N tasks that each read the whole input select disjoint sets whose union is
 the input, and a rerun of task I selects exactly the same rows.
@@ -30,8 +30,12 @@ def shard_of(key: str, num_shards: int) -> int:
 
 
 def row_partition_key(row: PromptRow | RejectedRow) -> str:
-    """What a row is partitioned by: its id, or its line for a rejected row without one."""
-    return row.id if row.id is not None else f"#line:{row.line_no}"
+    """What a row is partitioned by: its id, or for a rejected row without one its content (its
+    reason and raw excerpt; not its line number, so that a line inserted above it does not move
+    it to another task, which would log it a second time in that task's errors file)."""
+    if row.id is not None:
+        return row.id
+    return "#raw:" + row.reason + "\x00" + row.raw
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import UserError
-from .durable import atomic_write_bytes, fsync_dir
+from .durable import RunDirError, atomic_write_bytes, fsync_dir, writing
 from .partition import Partition
+from .reader import row_excerpt
 from .schema import META_FINGERPRINT, SCHEMA_VERSION, PromptRow, RejectedRow
 from .writer import ErrorLog, ShardInfo, ShardWriter
 
@@ -134,8 +135,7 @@ def scope_of(entry: str) -> str | None | object:
     return _NOT_OURS
 
 
-class RunDirError(UserError):
-    """The output directory cannot be used for this run (the CLI exits 2 with this one line)."""
+__all__ = ["RunDirError"]  # defined in io.durable (the writer raises it too); re-exported here
 
 
 class LockError(RunDirError):
@@ -207,7 +207,8 @@ class RunLock:
     def acquire(self, *, brief: bool = False, wait_s: float = 0.0, what: str = "another run") -> None:
         """brief: this hold lasts only while a partition task opens the directory (the holder
         note says so). wait_s: keep retrying while the holder is such a brief one."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        with writing(self.path):  # a read-only or unwritable directory: one line
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         deadline = time.monotonic() + wait_s
         while True:
             try:
@@ -308,6 +309,7 @@ class RunDir:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RunDirError(f"cannot create {self.out_dir}: {e.strerror or e}") from None
+        _refuse_foreign(self.out_dir)  # before the lock file is made: a foreign directory is never touched
         self._lock = RunLock(self.out_dir, self.layout.lock)
         self._lock.acquire(what=f"task {self.tag} of another run" if self.tag else "another run")
         dir_lock = None
@@ -368,7 +370,7 @@ class RunDir:
 
     def was_rejected(self, row: PromptRow) -> bool:
         """An earlier run of this directory (same fingerprint) rejected this very row."""
-        return self.errors.was_rejected(row.line_no, row.id)
+        return self.errors.was_rejected(row.id, row_excerpt(row))
 
     @property
     def errors_path(self) -> Path:
@@ -403,23 +405,24 @@ class RunDir:
         return self
 
     def __exit__(self, exc_type: object, *_: object) -> None:
-        self.close(complete=False)
+        if exc_type is None:
+            self.close(complete=False)
+            return
+        try:  # already failing (e.g. the disk is full): that error is the one to report
+            self.close(complete=False)
+        except (OSError, UserError):
+            pass
 
     # ---- open / recover -------------------------------------------------------------------------
     def _open(self, overwrite: bool) -> None:
         own = self.tag
         entries = sorted(os.listdir(self.out_dir))
         scope = {e: scope_of(e) for e in entries}
-        # Temporary files of this layout only: another task's are its work in progress. An
-        # unpartitioned run also removes hidden .tmp files of no known layout, as it always has.
-        removed = [e for e in entries if e.startswith(".") and e.endswith(TMP_SUFFIX)
-                   and (scope[e] == own or (own is None and scope[e] is _NOT_OURS))]
-        for e in removed:
-            (self.out_dir / e).unlink(missing_ok=True)
-        if removed:
-            fsync_dir(self.out_dir)
-            self.notes.append(f"removed {len(removed)} uncommitted temporary file(s) left by a crash")
-        entries = [e for e in entries if e not in removed and not e.endswith(TMP_SUFFIX)]
+        # Temporary files of this layout only (another task's are its work in progress; a .tmp of
+        # no known layout is not ours at all). They are removed only once the checks below have
+        # found the directory to be ours (or empty of anything but hidden foreign files).
+        removed = [e for e in entries if e.startswith(".") and e.endswith(TMP_SUFFIX) and scope[e] == own]
+        entries = [e for e in entries if not e.endswith(TMP_SUFFIX)]
         manifest, bad_manifest = self._load_manifest(own)
         ours = {e for e in entries if scope[e] == own}
         mine = self.manifest_path.name
@@ -478,6 +481,12 @@ class RunDir:
                 manifest = None
             if cleared:
                 self.notes.append(f"--overwrite: removed {cleared} file(s) of the previous run")
+        if removed:
+            with writing(self.out_dir):
+                for e in removed:
+                    (self.out_dir / e).unlink(missing_ok=True)
+                fsync_dir(self.out_dir)
+            self.notes.append(f"removed {len(removed)} uncommitted temporary file(s) left by a crash")
         if manifest is None:
             manifest = {"format": MANIFEST_FORMAT, "schema_version": SCHEMA_VERSION,
                         "fingerprint": self.fingerprint, "created_at": _now(), "shards": []}
@@ -521,6 +530,15 @@ class RunDir:
             return None, str(e)
         if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
             return None, "not a twotower manifest"
+        if not isinstance(m.get("fingerprint"), dict):
+            return None, "its fingerprint is not a JSON object"
+        shards = m.get("shards")
+        if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("name"), str)
+                                                   for s in shards):
+            # Only a cache of the shard files (see the module docstring): rebuilt from them.
+            if tag == self.tag:
+                self.notes.append(f"{p.name}: its shard list is malformed; rebuilt from the shard files")
+            m["shards"] = []
         return m, None
 
     def _clear_layout(self, tag: str | None, names: list[str]) -> int:
@@ -585,6 +603,24 @@ class RunDir:
         m["updated_at"] = _now()
         atomic_write_bytes(self.manifest_path, orjson.dumps(m, option=orjson.OPT_INDENT_2),
                            self.manifest_path.with_name(Layout.tmp(self.manifest_path.name)))
+
+
+def _refuse_foreign(out_dir: Path) -> None:
+    """Refuse a directory that holds visible files and no twotower manifest of any layout (e.g.
+    `-o ~` by mistake), before anything in it is created, changed or removed. _open checks again
+    under the lock; this early look only makes sure a foreign directory is never touched."""
+    try:
+        entries = os.listdir(out_dir)
+    except OSError as e:
+        raise RunDirError(f"cannot read {out_dir}: {e.strerror or e}") from None
+    if any(MANIFEST_RE.match(e) for e in entries):
+        return
+    foreign = sorted(e for e in entries if scope_of(e) is _NOT_OURS and not e.startswith("."))
+    if foreign:
+        raise RunDirError(
+            f"{out_dir} is not empty and is not a twotower output directory "
+            f"(no {MANIFEST}; found {', '.join(foreign[:3])}); choose an empty or new directory"
+        )
 
 
 def _layout(tag: str | None | object) -> str:

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from ..config import MODES
 from .rundir import ANY_SHARD_RE, ERRORS_RE, MANIFEST_RE, RunDirError
-from .writer import read_errors
+from .writer import count_errors
 
 # Tokens-per-step bins: AR and mock-AR sit at exactly 1; diffusion spreads up to the block size.
 TPS_EDGES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
@@ -94,8 +94,8 @@ def read_run(out_dir: str | Path) -> dict[str, Any]:
         "shards": len(shards),
         "rows": rows,
         "partition": partition,
-        "rejected": len({(r.get("line_no"), r.get("reason"))
-                         for e in entries if ERRORS_RE.match(e) for r in read_errors(out / e)}),
+        # each task's file is deduplicated on write (io.writer.ErrorLog) and the tasks' rows are disjoint
+        "rejected": sum(count_errors(out / e) for e in entries if ERRORS_RE.match(e)),
         "modes": _ordered(modes, MODES),
         "finish_reasons": dict(finish.most_common()),
         **sums,
@@ -124,11 +124,16 @@ def _read_manifests(out: Path, names: list[str]) -> tuple[dict[str, Any] | None,
     parts = [m for m in ms if isinstance(m.get("partition"), dict)]
     if not parts:
         return (ms[0] if ms else None), None
-    n = max(int(m["partition"].get("count") or 0) for m in parts)
+    n = max(_int(m["partition"].get("count")) for m in parts)
     done = sum(bool(m.get("complete")) for m in parts)
     first = parts[0]
     merged = {**first, "complete": len(parts) == n and done == n}
     return merged, {"num_shards": n, "tasks_started": len(parts), "tasks_complete": done}
+
+
+def _int(v: Any) -> int:
+    """A count from a manifest that may have been edited by hand: 0 unless it is a plain integer."""
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
 
 def _read_manifest(p: Path) -> dict[str, Any] | None:

@@ -9,12 +9,18 @@ disposable (its rows are not done and will be regenerated).
 The writer owns no names: it is given them (`ShardNames`, in practice io.rundir's `Layout` of the
 run or of one partition task), so the directory's naming lives in one place.
 
+A write that fails for a reason the user can fix (disk full, file-size limit, read-only or
+unwritable directory) raises io.durable.RunDirError naming the file (one line, exit 2); the open
+shard is dropped, the committed ones are kept. Shards carry Parquet page checksums, so that a
+resume can verify every page of a shard it adopts (io.rundir).
+
 Neither class is thread-safe or reentrant. In particular do not call `flush()` from inside a
 signal handler that may interrupt `add()`: set a flag there and flush from the main loop.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,7 +31,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .durable import fsync_dir, fsync_path
+from .durable import fsync_dir, fsync_path, writing
 from .schema import RejectedRow, check_record, output_schema
 
 
@@ -138,8 +144,12 @@ class ShardWriter:
         """Commit a shard with zero rows, so a run with no output still loads with every reader."""
         if self._shard_ids:
             raise RuntimeError("write_empty_shard with rows pending")
-        self._open()
-        return self._commit()
+        try:
+            self._open()
+            return self._commit()
+        except BaseException:
+            self.abort()
+            raise
 
     def close(self) -> None:
         """Commit what is buffered and stop. Idempotent."""
@@ -179,7 +189,8 @@ class ShardWriter:
     def _open(self) -> None:
         name = self.names.shard(self.next_index)
         self._tmp = self.out_dir / self.names.tmp(name)
-        self._pq = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+        with writing(self._tmp):
+            self._pq = pq.ParquetWriter(self._tmp, self.schema, compression="zstd", write_page_checksum=True)
 
     def _write_row_group(self) -> None:
         if not self._buffer:
@@ -188,7 +199,8 @@ class ShardWriter:
             if self._pq is None:
                 self._open()
             table = pa.Table.from_pylist(self._buffer, schema=self.schema)
-            self._pq.write_table(table, row_group_size=len(self._buffer))
+            with writing(self._tmp):
+                self._pq.write_table(table, row_group_size=len(self._buffer))
         except BaseException:
             self.abort()
             raise
@@ -196,14 +208,16 @@ class ShardWriter:
 
     def _commit(self) -> ShardInfo:
         assert self._pq is not None and self._tmp is not None
-        self._pq.close()
-        self._pq = None
-        fsync_path(self._tmp)
+        with writing(self._tmp):
+            self._pq.close()
+            self._pq = None
+            fsync_path(self._tmp)
         name = self.names.shard(self.next_index)
         final = self.out_dir / name
-        os.replace(self._tmp, final)  # the commit point
-        self._tmp = None
-        fsync_dir(self.out_dir)
+        with writing(final):
+            os.replace(self._tmp, final)  # the commit point
+            self._tmp = None
+            fsync_dir(self.out_dir)
         info = ShardInfo(name, self.next_index, len(self._shard_ids), final.stat().st_size, self._shard_ids)
         self.next_index += 1
         self.done.update(self._shard_ids)
@@ -217,63 +231,91 @@ class ShardWriter:
 
 class ErrorLog:
     """An append-only errors file (`.errors.jsonl`, named by io.rundir): one JSON object per
-    rejected row, deduplicated across resumes.
+    rejected row, deduplicated across resumes by content, never by line number.
 
     Durability: each line is written with one write() call and flushed to the OS at once (so
     `tail -f` sees it); fsync happens in `sync()`, which RunDir calls at every shard commit and at
     close. A line lost in a crash before its fsync is not lost data: rejection is deterministic, so
     the resumed run re-reads the row, rejects it again and writes the line then. A torn last line
     is cut off on open (before anything is appended after it) and skipped by `read_errors`.
-    Dedup key: (line_no, reason), loaded from the existing file on open.
+
+    Dedup key: the record's content (id, reason, raw excerpt: `content_key`) and its occurrence,
+    so that inserting or reordering input lines logs nothing again. The file is a multiset: the
+    k-th distinct input row with a given content in this run (distinct rows: distinct line
+    numbers, so the same row delivered twice, e.g. by a retried Ray task, counts once) is logged
+    only if the file does not already hold k+1 records of that content. `count` is the number of
+    records in the file. Any JSON object of any shape in the file is counted (a hand-edited
+    record never raises).
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._keys: set[tuple[int, str]] = set()
-        self._rows: set[tuple[int, str]] = set()  # (line_no, id) of the rows logged with an id
+        self._logged: dict[bytes, int] = {}  # content key -> records of it in the file
+        self._seen: dict[bytes, dict[Any, int]] = {}  # content key -> {line_no: occurrence} this run
+        self._rows: set[bytes] = set()  # row_key(id, raw) of the records logged with an id
         self.count = 0
-        if self.path.exists():
-            _truncate_torn_tail(self.path)
-            for rec in read_errors(self.path):
-                self._keys.add(_key(rec))
-                if rec.get("id") is not None:
-                    self._rows.add((rec.get("line_no"), rec["id"]))
-            self.count = len(self._keys)
-        self._f = open(self.path, "ab")  # noqa: SIM115 - owned for the log's lifetime
+        with writing(self.path):
+            if self.path.exists():
+                _truncate_torn_tail(self.path)
+                for rec in read_errors(self.path):
+                    k = content_key(rec)
+                    self._logged[k] = self._logged.get(k, 0) + 1
+                    if isinstance(rec.get("id"), str):
+                        self._rows.add(row_key(rec["id"], rec.get("raw") or ""))
+                    self.count += 1
+            self._f = open(self.path, "ab")  # noqa: SIM115 - owned for the log's lifetime
         self._dirty = False
 
     def add(self, row: RejectedRow) -> bool:
         """Log a rejected row unless it is already logged. Returns True if a line was written."""
         rec = row.to_dict()
-        key = _key(rec)
-        if key in self._keys:
+        key = content_key(rec)
+        seen = self._seen.setdefault(key, {})
+        k = seen.setdefault(rec.get("line_no"), len(seen))
+        if k < self._logged.get(key, 0):
             return False
-        self._f.write(orjson.dumps(rec) + b"\n")
-        self._f.flush()
-        self._keys.add(key)
+        with writing(self.path):
+            self._f.write(orjson.dumps(rec) + b"\n")
+            self._f.flush()
+        self._logged[key] = self._logged.get(key, 0) + 1
         if row.id is not None:
-            self._rows.add((row.line_no, row.id))
+            self._rows.add(row_key(row.id, row.raw or ""))
         self.count += 1
         self._dirty = True
         return True
 
-    def was_rejected(self, line_no: int, row_id: str) -> bool:
-        """The row on `line_no` with id `row_id` is logged as rejected."""
-        return (line_no, row_id) in self._rows
+    def was_rejected(self, row_id: str, excerpt: str) -> bool:
+        """A row with id `row_id` and prompt excerpt `excerpt` is logged as rejected (a record
+        without an excerpt matches on the id alone)."""
+        return row_key(row_id, excerpt) in self._rows or row_key(row_id, "") in self._rows
 
     def sync(self) -> None:
         if self._dirty and not self._f.closed:
-            os.fsync(self._f.fileno())
+            with writing(self.path):
+                os.fsync(self._f.fileno())
             self._dirty = False
 
     def close(self) -> None:
         if not self._f.closed:
-            self.sync()
-            self._f.close()
+            try:
+                self.sync()
+            finally:
+                self._f.close()
 
 
-def _key(rec: dict[str, Any]) -> tuple[int, str]:
-    return (rec.get("line_no"), rec.get("reason"))
+def content_key(rec: dict[str, Any]) -> bytes:
+    """What identifies a rejected row across runs: its id, reason and raw excerpt (any JSON)."""
+    data = orjson.dumps([rec.get("id"), rec.get("reason"), rec.get("raw")], default=str)
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def row_key(row_id: str, raw: Any) -> bytes:
+    return hashlib.blake2b(orjson.dumps([row_id, raw], default=str), digest_size=16).digest()
+
+
+def count_errors(path: str | Path) -> int:
+    """The records of an errors file (each is one rejected row: ErrorLog deduplicates on write)."""
+    return sum(1 for _ in read_errors(path))
 
 
 def _truncate_torn_tail(path: Path) -> None:
