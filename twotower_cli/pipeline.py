@@ -39,6 +39,7 @@ rows whose id hashes to its shard (io.partition); everything else is the same.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import signal
 import threading
 import time
@@ -48,6 +49,8 @@ from dataclasses import asdict, dataclass, field
 from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
+
+import orjson
 
 from . import errors
 from .config import DecodeParams
@@ -87,6 +90,7 @@ class RunConfig:
     window: int = 2048
     partition: Partition | None = None  # one task of a job array: only the rows of this shard
     ar_score: bool | None = None  # the AR score of each row: True all, False none, None AR/speculative rows
+    dtype: str | None = None  # the model's compute dtype (None: the checkpoint's); part of the fingerprint
 
 
 COUNTERS = ("prefill_calls", "prefill_tokens", "prefill_padded_tokens", "denoiser_calls", "context_calls")
@@ -112,12 +116,30 @@ class Progress:
     first_row_s: float | None = None  # from decode_started to the first committed row
     nothing_to_do: bool = False  # every row was done before: the model was never loaded
     output_closed: bool = False  # -o -: the reader of stdout went away (e.g. `| head`)
+    input_changed: int = 0  # rows done before whose input has changed since (kept, and logged)
 
 
 def fingerprint(cfg: RunConfig) -> dict[str, Any]:
-    """What a resume must share with the run it continues."""
+    """What a resume must share with the run it continues: the model (and the dtype it runs in),
+    the run-level decoding parameters, and the input field mapping (another --id-field names other
+    rows; another --prompt-field gives other prompts)."""
     return {"model": cfg.model_name, "checkpoint": cfg.model_fingerprint, "schema": SCHEMA_VERSION,
-            "decode": asdict(cfg.defaults)}
+            "decode": asdict(cfg.defaults), "dtype": cfg.dtype,
+            "input": {"prompt_field": cfg.prompt_field, "id_field": cfg.id_field}}
+
+
+_INPUT_PERSON = b"twotower-input"
+INPUT_CHANGED = ("input changed since its row was committed under this id: the committed completion "
+                 "is kept (use another output directory, or --overwrite, to generate it again)")
+
+
+def input_hash(row: PromptRow, defaults: DecodeParams) -> str:
+    """The `input_hash` column: blake2b-64 (16 hex) of the row's prompt or messages and its
+    effective decoding settings (the run's defaults with the row's overrides), not of its id."""
+    data = orjson.dumps({"prompt": row.prompt, "messages": row.messages,
+                         "decode": {**asdict(defaults), **row.overrides}},
+                        option=orjson.OPT_SORT_KEYS, default=str)
+    return hashlib.blake2b(data, digest_size=8, person=_INPUT_PERSON).hexdigest()
 
 
 class Signals:
@@ -324,7 +346,8 @@ def generate(cfg: RunConfig, decoder: Decoder | Callable[[], Decoder],
             if notes:
                 notes(n)
         sig = Signals(prog)
-        todo = admit(rows, rd, cfg.partition, prog, sig)
+        inflight: dict[str, str] = {}  # id -> input hash, of the rows admitted and not yet committed
+        todo = admit(rows, rd, cfg.partition, prog, sig, defaults=cfg.defaults, inflight=inflight)
         try:
             with sig:  # reading up to the first row to do: a signal here stops the run (exit 3)
                 held = first_to_do(todo, rd)
@@ -345,11 +368,15 @@ def generate(cfg: RunConfig, decoder: Decoder | Callable[[], Decoder],
                 prog.started = prog.decode_started = time.perf_counter()
                 with dec, Signals(prog) as sig:  # after the decoder starts: our handlers are the ones installed
                     items = dec.decode(_chain(held, todo), sig, rd.is_done)
-                    commit(items, rd, prog, cfg.commit_every_s, on_result)
+                    commit(items, rd, prog, cfg.commit_every_s, on_result, inflight)
         except KeyboardInterrupt:  # a signal while loading, or interruptible() cut a wait short: stop now
             prog.stopping = max(prog.stopping, 2)
         if prog.nothing_to_do:
             prog.rejected += len(getattr(rd, "rejected_again", ()))
+        if prog.input_changed and notes:
+            notes(f"{prog.input_changed} row(s) done before have another input now under the same id; their "
+                  f"committed completions are kept and each is logged in {rd.errors_path.name} "
+                  "(use another output directory, or --overwrite, to generate them again)")
         error = dec.error if dec is not None else None
         complete = not prog.stopping and error is None and rows.exhausted is True and not prog.output_closed
         prog.phase = "done"
@@ -357,6 +384,7 @@ def generate(cfg: RunConfig, decoder: Decoder | Callable[[], Decoder],
             on_result(prog)
         rd.close(complete=complete)
     out = summarize(cfg, prog, dec.counters if dec is not None else dict.fromkeys(COUNTERS, 0), rd.errors_path)
+    out.update(rows_input_changed=prog.input_changed)
     out.update(complete=complete, rows_in_output=rd.rows_committed, nothing_to_do=prog.nothing_to_do,
                input_exhausted=bool(rows.exhausted), model_load_s=prog.model_load_s, first_row_s=prog.first_row_s)
     if stream is not None:
@@ -387,9 +415,14 @@ def _chain(held: list[PromptRow], rest: Iterator[PromptRow]) -> Iterator[PromptR
 
 
 def admit(rows: Iterable[PromptRow | RejectedRow], rd: RunDir | JsonlSink, partition: Partition | None, prog: Progress,
-          signals: Signals) -> Iterator[PromptRow]:
+          signals: Signals, *, defaults: DecodeParams | None = None,
+          inflight: dict[str, str] | None = None) -> Iterator[PromptRow]:
     """The rows to decode: this task's, not done, valid (the reader's rejects are logged here).
-    Stops reading at the first signal."""
+    Stops reading at the first signal. A row committed by an earlier run whose input has changed
+    since (same id, another input hash) is not decoded again but logged, and counted in
+    `prog.input_changed`. `inflight` gets the input hash of each row admitted (for its record)."""
+    defaults = defaults if defaults is not None else DecodeParams()
+    check = isinstance(rd, RunDir)
     for r in rows:
         if signals.stopping:
             return
@@ -400,15 +433,24 @@ def admit(rows: Iterable[PromptRow | RejectedRow], rd: RunDir | JsonlSink, parti
             rd.reject(r)  # logged once across resumes, counted on every run that reads it
             prog.rejected += 1
             continue
+        stored = rd.committed_input(r.id) if check else None
+        if stored is not None:
+            prog.skipped += 1
+            if stored and stored != int(input_hash(r, defaults), 16):
+                rd.reject(RejectedRow(r.line_no, r.id, INPUT_CHANGED, row_excerpt(r)))
+                prog.input_changed += 1
+            continue
         if rd.is_done(r.id):
             prog.skipped += 1
             continue
+        if inflight is not None:
+            inflight[r.id] = input_hash(r, defaults)
         yield r
     rd.sync_rejects()  # the whole input is read: its rejects are durable
 
 
 def commit(items: Iterable[Decoded | RejectedRow], rd: RunDir | JsonlSink, prog: Progress, commit_every_s: float,
-           on_result: Callable[[Progress], None] | None) -> None:
+           on_result: Callable[[Progress], None] | None, inflight: dict[str, str] | None = None) -> None:
     """Write what a decoder delivers through the run directory or stream (the only writer),
     committing the open shard at least every `commit_every_s`. A stream whose reader went away
     (`-o - | head`) stops the run at once, like a second signal."""
@@ -417,10 +459,15 @@ def commit(items: Iterable[Decoded | RejectedRow], rd: RunDir | JsonlSink, prog:
         if prog.output_closed:
             continue  # the decoder stops at its next step; nothing more can be written
         if isinstance(item, RejectedRow):
+            if inflight and item.id is not None:
+                inflight.pop(item.id, None)
             rd.reject(item)
             prog.rejected += 1
             continue
-        if not rd.add(item.record):
+        record = item.record
+        if inflight is not None and record.get("input_hash") is None:
+            record = {**record, "input_hash": inflight.pop(record["id"], None)}
+        if not rd.add(record):
             prog.output_closed = True
             prog.stopping = max(prog.stopping, 2)  # the decoder stops now (Signals.now)
             continue

@@ -44,15 +44,19 @@ the directory at the same time. A task never touches another task's files, excep
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import re
 import socket
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -61,7 +65,7 @@ from ..errors import UserError
 from .durable import RunDirError, atomic_write_bytes, fsync_dir, writing
 from .partition import Partition
 from .reader import row_excerpt
-from .schema import META_FINGERPRINT, SCHEMA_VERSION, PromptRow, RejectedRow
+from .schema import META_FINGERPRINT, SCHEMA_VERSION, PromptRow, RejectedRow, output_schema
 from .writer import ErrorLog, ShardInfo, ShardWriter
 
 # ---- names ----------------------------------------------------------------------------------------
@@ -303,7 +307,7 @@ class RunDir:
         self.fingerprint = normalize_fingerprint(fingerprint)
         self.manifest_path = self.out_dir / self.layout.manifest
         self.notes: list[str] = []
-        self.done_ids: set[str] = set()
+        self.done_ids = DoneSet()
         self.rejected_again: list[PromptRow] = []  # set by the run loop (pipeline.first_to_do)
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -367,6 +371,11 @@ class RunDir:
         """Commit the open shard and make the rejects durable (bounds what a crash can cost)."""
         self.writer.flush()
         self.errors.sync()
+
+    def committed_input(self, row_id: str) -> int | None:
+        """For an id committed by an earlier run: its row's input hash (0: not recorded); None
+        for any other id (see DoneSet.lookup)."""
+        return self.done_ids.lookup(row_id)
 
     def was_rejected(self, row: PromptRow) -> bool:
         """An earlier run of this directory (same fingerprint) rejected this very row."""
@@ -566,24 +575,30 @@ class RunDir:
         present = sorted(e for e in os.listdir(self.out_dir) if rx.match(e))
         indices = [int(m.group(1)) for n in (*present, *listed) if (m := rx.match(n))]
         self._next_index = max(indices, default=-1) + 1
-        shards, dupes = [], 0
+        shards = []
+        expected = output_schema().remove_metadata()
         for name in present:
             path = self.out_dir / name
+            recorded = listed.get(name, {}).get("rows")
             try:
-                with pq.ParquetFile(path) as pf:  # the id column only: fast even for big shards
-                    ids = pf.read(columns=["id"]).column("id").to_pylist()
+                groups, rows = _verify_shard(path, expected)
+                if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded != rows:
+                    raise ValueError(f"it has {rows} rows, {self.manifest_path.name} records {recorded}")
             except (pa.ArrowException, OSError, KeyError, ValueError) as e:
                 aside = path.with_name(Layout.corrupt(name))
-                os.replace(path, aside)
-                fsync_dir(self.out_dir)
-                self.notes.append(f"{name} is unreadable ({e}); moved to {aside.name}, its rows will be redone")
+                with writing(aside):
+                    os.replace(path, aside)
+                    fsync_dir(self.out_dir)
+                why = " ".join(str(e).split())[:200]
+                self.notes.append(f"{name} does not read whole ({why}); moved to {aside.name}, its rows will be redone")
                 continue
-            before = len(self.done_ids)
-            self.done_ids.update(ids)
-            dupes += len(ids) - (len(self.done_ids) - before)
+            for rg, (hashes, inputs) in enumerate(groups):
+                self.done_ids.add_group((path, rg), hashes, inputs)
             if name not in listed:
                 self.notes.append(f"adopted {name}, committed just before an interruption")
-            shards.append({"name": name, "rows": len(ids), "bytes": path.stat().st_size})
+            shards.append({"name": name, "rows": rows, "bytes": path.stat().st_size})
+        self.done_ids.freeze()
+        dupes = self.done_ids.duplicates
         for name in sorted(set(listed) - set(present)):
             self.notes.append(f"{name} is listed in {self.manifest_path.name} but missing; its rows will be redone")
         if dupes:
@@ -603,6 +618,168 @@ class RunDir:
         m["updated_at"] = _now()
         atomic_write_bytes(self.manifest_path, orjson.dumps(m, option=orjson.OPT_INDENT_2),
                            self.manifest_path.with_name(Layout.tmp(self.manifest_path.name)))
+
+
+def _verify_shard(path: Path, expected: pa.Schema) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+    """Read a committed shard whole (every column of every row group, page checksums verified),
+    check its schema and row counts against its footer, and return per row group the 64-bit hashes
+    of its ids and its rows' input hashes (0: none recorded), and its row count. Raises on any
+    damage. Memory: one row group at a time."""
+    groups, rows = [], 0
+    with pq.ParquetFile(path, page_checksum_verification=True) as pf:
+        if not pf.schema_arrow.remove_metadata().equals(expected):
+            raise ValueError("its columns are not this version's output schema")
+        md = pf.metadata
+        for rg in range(md.num_row_groups):
+            t = pf.read_row_group(rg)
+            if t.num_rows != md.row_group(rg).num_rows:
+                raise ValueError(f"row group {rg} has {t.num_rows} rows, its footer says {md.row_group(rg).num_rows}")
+            ids = t.column("id")
+            if ids.null_count:
+                raise ValueError("null ids")
+            groups.append((id_hashes(ids.to_pylist()), _input_hashes(t.column("input_hash").to_pylist())))
+            rows += t.num_rows
+        if rows != md.num_rows:
+            raise ValueError(f"{rows} rows read, its footer says {md.num_rows}")
+    return groups, rows
+
+
+def _input_hashes(values: list[str | None]) -> np.ndarray:
+    out = np.zeros(len(values), dtype=np.uint64)
+    for i, v in enumerate(values):
+        if v:
+            try:
+                out[i] = int(v, 16) & 0xFFFF_FFFF_FFFF_FFFF
+            except ValueError:
+                pass  # not one of ours: unknown, never a mismatch
+    return out
+
+
+# ---- the done set ---------------------------------------------------------------------------------
+
+_ID_PERSON = b"twotower-done"
+
+
+def id_hash(row_id: str) -> int:
+    """The 64-bit key of an id in a DoneSet (stable across processes: blake2b, not hash())."""
+    return int.from_bytes(hashlib.blake2b(row_id.encode("utf-8", "surrogatepass"), digest_size=8,
+                                          person=_ID_PERSON).digest(), "little")
+
+
+def id_hashes(ids: Iterable[str]) -> np.ndarray:
+    """id_hash of each id, as a uint64 array."""
+    b2 = hashlib.blake2b
+    data = b"".join(b2(i.encode("utf-8", "surrogatepass"), digest_size=8, person=_ID_PERSON).digest() for i in ids)
+    return np.frombuffer(data, dtype="<u8").astype(np.uint64)
+
+
+class DoneSet:
+    """The ids already done, compact: ~20 bytes per committed row instead of a Python str in a set.
+
+    Committed ids (those of the shards found at open) are kept as sorted 64-bit blake2b hashes, with
+    per entry the row group it came from (uint32) and its row's input hash (uint64). A lookup is a
+    binary search; a hash hit is confirmed against the real ids of that row group, read lazily
+    from its shard (an LRU of `cache_groups` row groups: resume reads input in roughly the order
+    the shards were written), so a hash collision can never make a row count as done when it is
+    not (nor the other way round: every committed id's hash is present). Ids committed by this
+    process (`update`) go to a plain set: they are this run's work, not the backlog.
+
+    `load_group(key)` returns the ids of a row group added with `add_group(key, ...)` (by default
+    key = (shard path, row group index), read from the shard).
+    """
+
+    def __init__(self, load_group: Callable[[Any], list[str]] | None = None, cache_groups: int = 64):
+        self._h = np.empty(0, dtype=np.uint64)
+        self._loc = np.empty(0, dtype=np.uint32)
+        self._inp = np.empty(0, dtype=np.uint64)
+        self._keys: list[Any] = []
+        self._pending: list[tuple[np.ndarray, np.ndarray, int]] = []
+        self._load_group = load_group or _read_group_ids
+        self._cache: OrderedDict[int, frozenset[str]] = OrderedDict()
+        self._cache_groups = cache_groups
+        self._new: set[str] = set()
+        self.duplicates = 0  # committed entries whose id was already committed (hand-copied shards)
+
+    def add_group(self, key: Any, hashes: np.ndarray, inputs: np.ndarray | None = None) -> None:
+        """Add the committed ids of one row group (their hashes); call freeze() when all are in."""
+        if inputs is None:
+            inputs = np.zeros(len(hashes), dtype=np.uint64)
+        self._keys.append(key)
+        self._pending.append((hashes, inputs, len(self._keys) - 1))
+
+    def freeze(self) -> None:
+        if not self._pending:
+            return
+        h = np.concatenate([self._h, *(p[0] for p in self._pending)])
+        loc = np.concatenate([self._loc, *(np.full(len(p[0]), p[2], dtype=np.uint32) for p in self._pending)])
+        inp = np.concatenate([self._inp, *(p[1] for p in self._pending)])
+        self._pending = []
+        order = np.argsort(h, kind="stable")
+        self._h, self._loc, self._inp = h[order], loc[order], inp[order]
+        del h, loc, inp, order
+        same = np.flatnonzero(self._h[1:] == self._h[:-1])
+        # equal hashes: the same id in two shards, or (2^-64 odds) two ids that collide
+        self.duplicates = sum(1 for i in same if self._with_hash(i) & self._with_hash(i + 1))
+
+    def _with_hash(self, i: int) -> set[str]:
+        h = int(self._h[i])
+        return {x for x in self._ids_of(int(self._loc[i])) if id_hash(x) == h}
+
+    def lookup(self, row_id: str) -> int | None:
+        """Committed before this process: its input hash (0: unknown); otherwise None."""
+        if not len(self._h):
+            return None
+        h = np.uint64(id_hash(row_id))
+        lo = int(np.searchsorted(self._h, h, "left"))
+        if lo == len(self._h) or self._h[lo] != h:
+            return None
+        hi = int(np.searchsorted(self._h, h, "right"))
+        for i in range(lo, hi):
+            if row_id in self._ids_of(int(self._loc[i])):
+                return int(self._inp[i])
+        return None  # a hash collision with another id: not done
+
+    def _ids_of(self, loc: int) -> frozenset[str]:
+        ids = self._cache.get(loc)
+        if ids is None:
+            ids = frozenset(self._load_group(self._keys[loc]))
+            self._cache[loc] = ids
+            if len(self._cache) > self._cache_groups:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(loc)
+        return ids
+
+    def __contains__(self, row_id: object) -> bool:
+        return isinstance(row_id, str) and (row_id in self._new or self.lookup(row_id) is not None)
+
+    def update(self, ids: Iterable[str]) -> None:
+        """Ids committed by this process."""
+        self._new.update(ids)
+
+    def __len__(self) -> int:
+        return len(self._h) - self.duplicates + len(self._new)
+
+    def __iter__(self) -> Iterator[str]:
+        """Every id, committed ones read back from their shards (for tests and tools: a run never
+        iterates its done set)."""
+        seen: set[str] = set()
+        for key in self._keys:
+            for i in self._load_group(key):
+                if i not in seen:
+                    seen.add(i)
+                    yield i
+        yield from (i for i in self._new if i not in seen)
+
+    def nbytes(self) -> int:
+        """The committed index's arrays (the ids of this run's set are extra)."""
+        return self._h.nbytes + self._loc.nbytes + self._inp.nbytes
+
+
+def _read_group_ids(key: tuple[Path, int]) -> list[str]:
+    path, rg = key
+    with pq.ParquetFile(path) as pf:
+        return pf.read_row_group(rg, columns=["id"]).column("id").to_pylist()
 
 
 def _refuse_foreign(out_dir: Path) -> None:

@@ -109,6 +109,9 @@ COLUMNS: list[tuple[str, pa.DataType, bool]] = [
     ("completion", _STR, False),
     *_STATS,
     ("model", _STR, True),
+    # blake2b-64 (16 hex) of the row's input: prompt/messages and its decoding settings, not its id
+    # (pipeline.input_hash); a resume compares it to find rows whose input changed under their id
+    ("input_hash", _STR, True),
     ("created_at", _TS, False),
 ]
 COLUMN_NAMES = [c[0] for c in COLUMNS]
