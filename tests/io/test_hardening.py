@@ -179,3 +179,37 @@ def test_error_records_are_keyed_by_content_not_line(tmp_path):
     assert log.add(RejectedRow(20, None, "malformed JSON", "{a"))  # a third such line is new
     log.close()
     assert ErrorLog(p).count == 4
+
+
+# ---- real processes (slow) ---------------------------------------------------------------------
+
+EFBIG_CHILD = """
+import resource, sys
+from twotower_cli.errors import UserError
+from twotower_cli.io.rundir import RunDir
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+try:
+    with RunDir(sys.argv[1], {"m": 1}, rows_per_shard=50, row_group_rows=10) as rd:
+        for i in range(10**6):
+            rd.add({"id": str(i), "prompt": "p" * 2000 + str(i), "completion": str(i) * 900})
+except UserError as e:
+    print("USERERROR", e)
+"""
+
+
+@pytest.mark.slow
+def test_file_size_limit_is_one_line_and_the_run_resumes(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-c", EFBIG_CHILD, str(out)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    line = p.stdout.strip()
+    assert line.startswith("USERERROR cannot write") and "File too large" in line
+    assert "committed shards are kept" in line
+    rd = RunDir(out, {"m": 1})  # every committed shard reads whole and resumes
+    assert len(rd.done_ids) % 50 == 0 and len(rd.done_ids) > 0
+    rd.close()
