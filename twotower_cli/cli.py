@@ -7,6 +7,7 @@ imports torch: `twotower --help` stays fast, and command modules import it when 
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -16,6 +17,7 @@ import typer
 from . import options as o
 from .commands import user_errors
 from .config import DecodeParams
+from .errors import EXIT_INTERRUPTED
 
 app = typer.Typer(
     name="twotower",
@@ -178,9 +180,32 @@ def bench(
                 seed=seed, rounds=rounds)
 
 
+class _Interrupted(BaseException):
+    """SIGINT/SIGTERM outside a run's own handlers (start-up: imports, flag checks, opening the
+    output directory; the end: the summary). A BaseException, so that no `except Exception` and
+    not click (which turns KeyboardInterrupt into "Aborted!", exit 1) swallows it."""
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    if _on_signal.fired:  # type: ignore[attr-defined]
+        return  # already stopping: cleanup runs to its end
+    _on_signal.fired = True  # type: ignore[attr-defined]
+    raise _Interrupted(signum)
+
+
+_on_signal.fired = False  # type: ignore[attr-defined]
+
+
 def main() -> None:
+    # First: a signal at any moment of start-up (before torch and the model load) is exit 3, one
+    # line. A run replaces these handlers with its own while it reads, loads and generates.
+    _on_signal.fired = False  # type: ignore[attr-defined]
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, _on_signal)
     try:
         app(prog_name="twotower")
-    except KeyboardInterrupt:  # before a run installs its own handlers (e.g. while loading a model)
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    except (_Interrupted, KeyboardInterrupt):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)  # a second signal must not cut this message short
+        print("interrupted: rows committed so far are kept; rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None

@@ -17,6 +17,13 @@ from .errors import UserError
 
 LAYER_KINDS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 MODES = ("diffusion", "mock-ar", "ar", "speculative")
+# DecodeParams' bounds (the one place ranges live; README's decoding section lists them).
+MAX_TEMPERATURE = 100.0  # far beyond any useful value; keeps logits / T finite in float32
+MAX_NEW_TOKENS = 1 << 20  # also checked against the model's context by the batcher
+MAX_BLOCK_SIZE = 1024
+MAX_STEPS_PER_BLOCK = 1024
+SEED_LIMIT = 1 << 63  # seeds are torch int64
+MAX_TOKEN_ID = (1 << 31) - 1  # the vocabulary itself is checked when the model loads
 
 
 class ConfigError(UserError, ValueError):
@@ -258,6 +265,15 @@ class ModelConfig:
         }
 
 
+def _short(v: Any) -> str:
+    """A value for an error message, cut short (a 10,000-digit integer or a nested object is one line)."""
+    try:
+        r = repr(v)
+    except ValueError:  # an int of more than sys.get_int_max_str_digits() digits
+        return f"an integer of {v.bit_length()} bits"
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
 @dataclass
 class DecodeParams:
     """How one row is decoded (SPEC.md §5). Every field may be overridden per row."""
@@ -272,24 +288,36 @@ class DecodeParams:
     mask_token_id: int = 3
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
+        # Every numeric field has a range that keeps the engine's arithmetic finite (a temperature
+        # of 1e39 overflows the logits to inf/NaN and a block never completes; a seed of 2^63 does
+        # not fit torch's int64). Per-row overrides go through these same checks (reader, batcher).
+        if not isinstance(self.mode, str) or self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         for name in ("gamma", "temperature"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ConfigError(f"{name} must be a finite number, got {v!r}")
+                raise ConfigError(f"{name} must be a finite number, got {_short(v)}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"gamma must be in [0, 1], got {self.gamma}")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        for name in ("block_size", "steps_per_block", "max_new_tokens"):
+        if self.temperature > MAX_TEMPERATURE:
+            raise ConfigError(f"temperature must be at most {MAX_TEMPERATURE:g}, got {self.temperature:g}")
+        for name, most in (("block_size", MAX_BLOCK_SIZE), ("steps_per_block", MAX_STEPS_PER_BLOCK),
+                           ("max_new_tokens", MAX_NEW_TOKENS)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {_short(v)}")
+            if v > most:
+                raise ConfigError(f"{name} must be at most {most}, got {_short(v)}")
         for name in ("seed", "mask_token_id"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
+                raise ConfigError(f"{name} must be a non-negative integer, got {_short(v)}")
+        if self.seed >= SEED_LIMIT:
+            raise ConfigError(f"seed must fit in 64 bits: at most {SEED_LIMIT - 1}, got {_short(self.seed)}")
+        if self.mask_token_id > MAX_TOKEN_ID:
+            raise ConfigError(f"mask_token_id must be at most {MAX_TOKEN_ID}, got {_short(self.mask_token_id)}")
 
     def replace(self, **changes: Any) -> DecodeParams:
         return dataclasses.replace(self, **changes)

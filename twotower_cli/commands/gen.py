@@ -45,7 +45,7 @@ def count_input_rows(source: str, limit: int | None) -> int | None:
             if head == b"PAR1":
                 import pyarrow.parquet as pq
 
-                n = pq.ParquetFile(p).metadata.num_rows
+                n = pq.ParquetFile(f).metadata.num_rows
             else:
                 f.seek(0)
                 n, last = 0, b"\n"
@@ -53,7 +53,7 @@ def count_input_rows(source: str, limit: int | None) -> int | None:
                     n += chunk.count(b"\n")
                     last = chunk[-1:]
                 n += last != b"\n"
-    except OSError:
+    except Exception:  # noqa: BLE001 - only an ETA: an unreadable input is reported by the reader
         return None
     return min(n, limit) if limit is not None else n
 
@@ -79,9 +79,12 @@ def plan(run: GenOptions, decode: DecodeParams, placement: Placement, scale: Sca
     from ..io.partition import from_flags
     from ..pipeline import RunConfig
 
+    if not streaming(run):
+        _check_utf8_name(run.out, "the output directory")
     path = placement.model or ckpt.default_checkpoint()
     if path is None:
         raise UserError("no --model given and this build has no embedded model")
+    _check_utf8_name(path, "the --model directory")
     fp = ckpt.fingerprint(path)  # a missing or broken checkpoint is one line, exit 2
     try:
         partition = from_flags(scale.num_shards, scale.shard_index)
@@ -106,6 +109,17 @@ def plan(run: GenOptions, decode: DecodeParams, placement: Placement, scale: Sca
         prompt_field=run.prompt_field, id_field=run.id_field, limit=run.limit,
         overwrite=run.overwrite, partition=partition, ar_score=run.ar_score,
     )
+
+
+def _check_utf8_name(path: str | os.PathLike, what: str) -> None:
+    """Arrow and the checkpoint loaders take paths as UTF-8 text: a name that is not valid UTF-8
+    (undecodable bytes, which Python keeps as lone surrogates) is refused up front, in one line."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        raise UserError(f"{what} {shown} has a name that is not valid UTF-8; rename it or choose another") from None
 
 
 def quiet_third_parties() -> None:

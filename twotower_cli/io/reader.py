@@ -31,6 +31,7 @@ import io
 import shutil
 import sys
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -40,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import ConfigError, DecodeParams
-from .schema import INT64_MAX, InputError, PromptRow, RejectedRow, SourceFormat
+from .schema import InputError, PromptRow, RejectedRow, SourceFormat
 
 __all__ = ["read_rows", "Rows", "row_excerpt", "PromptRow", "RejectedRow", "InputError", "OVERRIDE_FIELDS",
            "MAX_LINE_BYTES"]
@@ -64,12 +65,25 @@ class _Reject(Exception):
 class Rows:
     """The rows of one source, in order (an iterator). After iteration ends, `exhausted` says
     whether the whole input was read: False when `limit` stopped it with more rows left, None
-    while unknown (not iterated to the end yet)."""
+    while unknown (not iterated to the end yet).
+
+    A source that breaks part-way (a truncated gzip stream, a corrupt Parquet page, an I/O error)
+    ends the iteration there, so every row read before it is decoded and committed as usual; the
+    error is kept and raised as `InputError` (exit 2, one line) when `exhausted` is asked for,
+    i.e. once the run has committed what it could read."""
 
     def __init__(self, records: Iterator[_Record], more: _More, prompt_field: str, id_field: str,
-                 limit: int | None):
-        self.exhausted: bool | None = None
+                 limit: int | None, name: str = "input"):
+        self._exhausted: bool | None = None
+        self.error: InputError | None = None
+        self.name = name
         self._it = self._rows(records, more, prompt_field, id_field, limit)
+
+    @property
+    def exhausted(self) -> bool | None:
+        if self.error is not None:
+            raise self.error
+        return self._exhausted
 
     def __iter__(self) -> Rows:
         return self
@@ -83,16 +97,23 @@ class Rows:
         repeats: dict[str, int] = {}  # content hash -> occurrences so far (rows without an id only)
         n = 0
         if limit == 0:
-            self.exhausted = not more(records)
+            self._exhausted = not more(records)
             return
-        for line_no, raw, obj, fmt in records:
-            yield _validate(line_no, raw, obj, fmt, prompt_field, id_field, seen, repeats)
-            n += 1
-            if limit is not None and n >= limit:
-                # Before reading another row: with stdin, unread input stays unread.
-                self.exhausted = not more(records)
-                return
-        self.exhausted = True
+        try:
+            for line_no, raw, obj, fmt in records:
+                yield _validate(line_no, raw, obj, fmt, prompt_field, id_field, seen, repeats)
+                n += 1
+                if limit is not None and n >= limit:
+                    # Before reading another row: with stdin, unread input stays unread.
+                    self._exhausted = not more(records)
+                    return
+        except InputError as e:  # the rest is unreadable: keep what was read, report it at the end
+            self._exhausted = False
+            cause = str(e).rstrip(". ")
+            self.error = InputError(f"{cause}; the {n} row(s) read before it were kept; repair the input and "
+                                    "rerun the same command to do the rest")
+            return
+        self._exhausted = True
 
 
 def read_rows(
@@ -110,7 +131,13 @@ def read_rows(
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise InputError(f"limit must be a non-negative integer, got {limit!r}")
     records, more = _open_records(source, prompt_field, id_field)
-    return Rows(records, more, prompt_field, id_field, limit)
+    return Rows(records, more, prompt_field, id_field, limit, name=_display(source))
+
+
+def _display(source: str | Path) -> str:
+    """A path for messages: a name that is not valid UTF-8 is shown with escapes, never an error."""
+    s = str(source)
+    return "<stdin>" if s == "-" else s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def row_excerpt(row: PromptRow) -> str:
@@ -167,22 +194,25 @@ def _open_records(source: str | Path, prompt_field: str, id_field: str) -> tuple
             return _parquet_records(spool, "<stdin>", prompt_field, id_field), _next_record
         if head.startswith(_GZIP_MAGIC):
             stream = gzip.GzipFile(fileobj=stream, mode="rb")
-        return _jsonl_records(stream, close=False), _peek_more(stream)
+        return _jsonl_records(stream, close=False, name="<stdin>"), _peek_more(stream)
     path = Path(source)
+    name = _display(path)
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed by the generator that owns it
         head = f.read(4)
         f.seek(0)
     except OSError as e:
-        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+        raise InputError(f"cannot read {name}: {e.strerror or e}") from None
     if head == _PARQUET_MAGIC or path.suffix.lower() in (".parquet", ".pq"):
-        return _parquet_records(f, str(path), prompt_field, id_field), _next_record
+        return _parquet_records(f, name, prompt_field, id_field), _next_record
     if head.startswith(_GZIP_MAGIC):
-        return _jsonl_records(gzip.GzipFile(fileobj=f, mode="rb"), close=True, owner=f), _next_record
-    return _jsonl_records(f, close=True), _next_record
+        return _jsonl_records(gzip.GzipFile(fileobj=f, mode="rb"), close=True, owner=f, name=name), _next_record
+    return _jsonl_records(f, close=True, name=name), _next_record
 
 
-def _jsonl_records(f: IO[bytes], *, close: bool, owner: IO[bytes] | None = None) -> Iterator[_Record]:
+def _jsonl_records(f: IO[bytes], *, close: bool, owner: IO[bytes] | None = None,
+                   name: str = "input") -> Iterator[_Record]:
+    line_no = 0
     try:
         for line_no, line in enumerate(_lines(f), start=1):
             if line is _TOO_LONG:
@@ -204,8 +234,9 @@ def _jsonl_records(f: IO[bytes], *, close: bool, owner: IO[bytes] | None = None)
                 continue
             fmt: SourceFormat = "openai" if isinstance(obj, dict) and "custom_id" in obj else "jsonl"
             yield line_no, line, obj if isinstance(obj, dict) else _Reject("not a JSON object"), fmt
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise InputError(f"error while reading input: {e}") from None
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+        what = getattr(e, "strerror", None) or e
+        raise InputError(f"{name}: error while reading input after line {line_no}: {what}") from None
     finally:
         if close:
             f.close()
@@ -263,13 +294,39 @@ def _parquet_rows(pf: pq.ParquetFile, f: IO[bytes], name: str, columns: list[str
     try:
         # Column projection + record batches: memory is one batch of the needed columns only.
         for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
-            for row in batch.to_pylist():
+            for raw, row in _batch_rows(batch):
                 row_no += 1
-                yield row_no, row, row, "parquet"
-    except (pa.ArrowException, OSError) as e:
+                yield row_no, raw, row, "parquet"
+    except (pa.ArrowException, OSError, ValueError) as e:  # a corrupt page, a truncated file
         raise InputError(f"{name}: cannot read row {row_no + 1}: {e}") from None
     finally:
         f.close()
+
+
+def _batch_rows(batch: pa.RecordBatch) -> Iterator[tuple[dict[str, Any], dict[str, Any] | _Reject]]:
+    """The rows of a record batch as (raw, parsed) dicts; a row whose values cannot be converted (e.g. invalid
+    UTF-8 in a string column: Arrow checks it only on conversion) becomes a `_Reject`, and the
+    other rows of its batch are kept."""
+    try:
+        rows = batch.to_pylist()
+    except (UnicodeDecodeError, pa.ArrowException):
+        rows = None
+    if rows is not None:
+        for row in rows:
+            yield row, row
+        return
+    for i in range(batch.num_rows):  # the slow path, for a batch holding a bad value only
+        one = batch.slice(i, 1)
+        row: dict[str, Any] = {}
+        bad: list[str] = []
+        for col, values in zip(one.schema.names, one.columns, strict=True):
+            try:
+                row[col] = values.to_pylist()[0]
+            except UnicodeDecodeError as e:
+                bad.append(f"{col!r} holds invalid UTF-8 at byte {e.start}")
+            except pa.ArrowException as e:
+                bad.append(f"{col!r} cannot be read: {e}")
+        yield row, (_Reject("; ".join(bad)) if bad else row)  # the excerpt shows the readable columns
 
 
 # ---- validation ----------------------------------------------------------------------------------
@@ -379,8 +436,6 @@ def _check_overrides(given: dict[str, Any]) -> dict[str, Any]:
         DecodeParams(**ov)
     except ConfigError as e:
         raise _Reject(f"invalid override: {e}") from None
-    if "seed" in ov and ov["seed"] > INT64_MAX:
-        raise _Reject("invalid override: seed must fit in 64 bits")
     for k in ("gamma", "temperature"):
         if k in ov:
             ov[k] = float(ov[k])  # 1 and 1.0 must give the same derived id and output type
