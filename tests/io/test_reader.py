@@ -278,3 +278,25 @@ def test_limit_counts_input_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stdin", stdin)
     assert [r.prompt for r in read_rows("-", limit=1)] == ["a"]
     assert stdin.buffer.read() == b'{"prompt": "b"}\n{"prompt": "c"}\n'
+
+
+def test_truncated_gzip_yields_rows_before_it_then_reports(tmp_path):
+    data = gzip.compress(b"".join(orjson.dumps({"id": f"r{i}", "prompt": f"p{i}"}) + b"\n" for i in range(300)))
+    p = tmp_path / "in.jsonl.gz"
+    p.write_bytes(data[: len(data) // 2])
+    rows = read_rows(p)
+    got = list(rows)  # no exception while iterating: the run commits these
+    assert 0 < len(got) < 300 and [r.id for r in got] == [f"r{i}" for i in range(len(got))]
+    with pytest.raises(InputError, match=rf"in.jsonl.gz: .* the {len(got)} row\(s\) read before it were kept"):
+        _ = rows.exhausted
+
+
+def test_parquet_invalid_utf8_value_rejects_its_row_only(tmp_path):
+    raw = [b"one", b"caf\xc3", b"three"]
+    as_string = pa.Array.from_buffers(pa.string(), 3, pa.array(raw, pa.binary()).buffers())
+    p = tmp_path / "u.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "prompt": as_string}), p)
+    rows = read_rows(p)
+    good, bad = _split(list(rows))
+    assert [r.prompt for r in good] == ["one", "three"] and rows.exhausted is True
+    assert bad[0].line_no == 2 and "'prompt' holds invalid UTF-8" in bad[0].reason and '"b"' in bad[0].raw
