@@ -626,25 +626,55 @@ def _verify_shard(path: Path, expected: pa.Schema) -> tuple[list[tuple[np.ndarra
     of its ids and its rows' input hashes (0: none recorded), and its row count. Raises on any
     damage. Memory: one row group at a time."""
     groups, rows = [], 0
-    with pq.ParquetFile(path, page_checksum_verification=True) as pf:
+    # pre_buffer off, one thread: a resume's peak memory must not grow with the shards it reads
+    with pq.ParquetFile(path, page_checksum_verification=True, pre_buffer=False) as pf:
         if not pf.schema_arrow.remove_metadata().equals(expected):
             raise ValueError("its columns are not this version's output schema")
         md = pf.metadata
         for rg in range(md.num_row_groups):
-            t = pf.read_row_group(rg)
+            t = pf.read_row_group(rg, use_threads=False)
             if t.num_rows != md.row_group(rg).num_rows:
                 raise ValueError(f"row group {rg} has {t.num_rows} rows, its footer says {md.row_group(rg).num_rows}")
             ids = t.column("id")
             if ids.null_count:
                 raise ValueError("null ids")
-            groups.append((id_hashes(ids.to_pylist()), _input_hashes(t.column("input_hash").to_pylist())))
+            inputs = _input_hashes(t.column("input_hash").combine_chunks())
+            groups.append((_string_hashes(ids.combine_chunks()), inputs))
             rows += t.num_rows
         if rows != md.num_rows:
             raise ValueError(f"{rows} rows read, its footer says {md.num_rows}")
     return groups, rows
 
 
-def _input_hashes(values: list[str | None]) -> np.ndarray:
+def _string_buffers(arr: pa.Array) -> tuple[np.ndarray, memoryview]:
+    """The offsets and data of a string array, without making a Python object per value (a
+    resume's memory must not grow with the rows it checks: pymalloc keeps freed arenas)."""
+    arr = arr.cast(pa.large_string()) if arr.type != pa.large_string() else arr
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int64)[arr.offset: arr.offset + len(arr) + 1]
+    return offsets, memoryview(bufs[2]) if bufs[2] is not None else memoryview(b"")
+
+
+def _string_hashes(arr: pa.Array) -> np.ndarray:
+    """id_hash of each value of a string array (no nulls)."""
+    offsets, data = _string_buffers(arr)
+    b2 = hashlib.blake2b
+    out = b"".join(b2(data[offsets[i]:offsets[i + 1]], digest_size=8, person=_ID_PERSON).digest()
+                   for i in range(len(arr)))
+    return np.frombuffer(out, dtype="<u8").astype(np.uint64)
+
+
+def _input_hashes(arr: pa.Array) -> np.ndarray:
+    """The input_hash column as uint64 (0: null or not one of ours)."""
+    if len(arr) and not arr.null_count:
+        offsets, data = _string_buffers(arr)
+        if offsets[-1] - offsets[0] == 16 * len(arr):  # all 16 hex digits: one fromhex for the lot
+            try:
+                raw = bytes.fromhex(bytes(data[offsets[0]:offsets[-1]]).decode("ascii"))
+                return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+            except ValueError:
+                pass
+    values = arr.to_pylist()
     out = np.zeros(len(values), dtype=np.uint64)
     for i, v in enumerate(values):
         if v:
@@ -688,7 +718,7 @@ class DoneSet:
     key = (shard path, row group index), read from the shard).
     """
 
-    def __init__(self, load_group: Callable[[Any], list[str]] | None = None, cache_groups: int = 64):
+    def __init__(self, load_group: Callable[[Any], list[str]] | None = None, cache_groups: int = 8):
         self._h = np.empty(0, dtype=np.uint64)
         self._loc = np.empty(0, dtype=np.uint32)
         self._inp = np.empty(0, dtype=np.uint64)
@@ -778,8 +808,8 @@ class DoneSet:
 
 def _read_group_ids(key: tuple[Path, int]) -> list[str]:
     path, rg = key
-    with pq.ParquetFile(path) as pf:
-        return pf.read_row_group(rg, columns=["id"]).column("id").to_pylist()
+    with pq.ParquetFile(path, pre_buffer=False) as pf:
+        return pf.read_row_group(rg, columns=["id"], use_threads=False).column("id").to_pylist()
 
 
 def _refuse_foreign(out_dir: Path) -> None:
