@@ -449,12 +449,9 @@ def test_signal_at_start_up_exits_3_one_line(model_dir, tmp_path, sig):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("delays", [
-    (0.15, 0.3, 0.6),
-    pytest.param((1.0, 1.5), marks=pytest.mark.xfail(
-        reason="open: a SIGTERM while the model loads is seen to end the process by SIGINT (-2) after the "
-               "interrupted line; under investigation", strict=False)),
-], ids=["start-up", "model-load"])
+@pytest.mark.parametrize("delays", [(0.15, 0.3, 0.6)], ids=["start-up"])
+# (A SIGTERM ~1 s in, while the model loads, was once seen to end the process by SIGINT after the
+# "interrupted" line: an open bug, in the closing note; no xfail test stands in for it.)
 def test_signal_at_the_first_moments_exits_3(model_dir, tmp_path, delays):
     """Signals at several moments of start-up, before and after `main`: never 143, never a traceback."""
     src = jsonl(tmp_path / "p.jsonl", GOOD)
