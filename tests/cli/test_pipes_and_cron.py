@@ -201,3 +201,12 @@ def test_cuda_asked_for_without_cuda_touches_no_directory(model_dir, tmp_path):
     r = gen(model_dir, str(src), "-o", str(out), "--device", "cuda", code=2, quiet=False)
     assert "CUDA is not available" in one_line_error(r.stderr)
     assert not out.exists()
+
+
+def test_another_dtype_is_refused_on_resume(model_dir, tmp_path):
+    """The run fingerprint covers --dtype: resuming with another one is refused (exit 2)."""
+    src = write_jsonl(tmp_path / "p.jsonl", prompts(3))
+    out = tmp_path / "out"
+    gen(model_dir, str(src), "-o", str(out), "--limit", "1")
+    r = gen(model_dir, str(src), "-o", str(out), "--dtype", "bfloat16", code=2, quiet=False)
+    assert "dtype" in one_line_error(r.stderr)

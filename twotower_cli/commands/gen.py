@@ -107,7 +107,7 @@ def plan(run: GenOptions, decode: DecodeParams, placement: Placement, scale: Sca
         model_fingerprint=fp, defaults=decode, max_batch_rows=run.max_batch_rows,
         max_batch_tokens=run.max_batch_tokens, rows_per_shard=run.rows_per_shard,
         prompt_field=run.prompt_field, id_field=run.id_field, limit=run.limit,
-        overwrite=run.overwrite, partition=partition, ar_score=run.ar_score,
+        overwrite=run.overwrite, partition=partition, ar_score=run.ar_score, dtype=placement.dtype,
     )
 
 
