@@ -88,6 +88,7 @@ def test_bench_rejects_bad_gammas(random_ckpt):
     assert r.exit_code == 2 and "--spec-gammas" in r.output and len(r.output.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # the real bench on the embedded model, every mode
 @pytest.mark.skipif(default_checkpoint() is None, reason="no embedded model in this build")
 def test_bench_table_on_embedded_model():
     r = CliRunner().invoke(app, ["bench", "--n-per-task", "2", "--gammas", "0.8", "--spec-gammas", "0.8",
