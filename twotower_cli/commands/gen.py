@@ -145,14 +145,12 @@ def load(cfg: RunConfig, decode: DecodeParams, placement: Placement, scale: Scal
     path = placement.model or ckpt.default_checkpoint()
     use_ray = scale.use_ray
     device, ctx_dev, den_dev = placement.device, placement.ctx_device, placement.den_device
-    for d in (device, ctx_dev, den_dev):
+    for d in (device, ctx_dev, den_dev):  # CUDA's presence was checked by `plan`, before any file was touched
         if d:
             try:
-                dev = torch.device(d)
+                torch.device(d)
             except RuntimeError:
                 raise UserError(f"unknown device {d!r}") from None
-            if dev.type == "cuda" and not torch.cuda.is_available() and not use_ray:  # Ray: the workers' GPUs
-                raise UserError(f"device {d!r} asked for, but CUDA is not available")
     torch.set_num_threads(placement.threads or default_threads())
     if use_ray:  # the actors load the weights; the driver checks the checkpoint's keys and shapes only
         model = load_model(path, device="meta")
