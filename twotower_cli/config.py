@@ -24,6 +24,10 @@ MAX_BLOCK_SIZE = 1024
 MAX_STEPS_PER_BLOCK = 1024
 SEED_LIMIT = 1 << 63  # seeds are torch int64
 MAX_TOKEN_ID = (1 << 31) - 1  # the vocabulary itself is checked when the model loads
+MAX_SAMPLES = 1024  # n: samples per prompt
+MAX_STOPS = 16  # stop strings per row
+MAX_STOP_CHARS = 256  # characters per stop string
+MAX_TOP_K = 1 << 31
 
 
 class ConfigError(UserError, ValueError):
@@ -286,6 +290,14 @@ class DecodeParams:
     max_new_tokens: int = 128
     seed: int = 0
     mask_token_id: int = 3
+    # Sampling filters on the distribution a token is sampled from (temperature > 0 only; SPEC.md
+    # §5): keep the top_k most likely (0: off), then the smallest nucleus of mass top_p (1: off),
+    # then the tokens at least min_p times as likely as the most likely (0: off).
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    stop: tuple[str, ...] = ()  # the completion ends before the first of these strings
+    n: int = 1  # samples of this prompt, each its own output row (pipeline: sample_index)
 
     def __post_init__(self) -> None:
         # Every numeric field has a range that keeps the engine's arithmetic finite (a temperature
@@ -318,6 +330,40 @@ class DecodeParams:
             raise ConfigError(f"seed must fit in 64 bits: at most {SEED_LIMIT - 1}, got {_short(self.seed)}")
         if self.mask_token_id > MAX_TOKEN_ID:
             raise ConfigError(f"mask_token_id must be at most {MAX_TOKEN_ID}, got {_short(self.mask_token_id)}")
+        self._check_sampling()
+
+    def _check_sampling(self) -> None:
+        for name, lo, hi, lo_open in (("top_p", 0.0, 1.0, True), ("min_p", 0.0, 1.0, False)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"{name} must be a finite number, got {_short(v)}")
+            if v > hi or v < lo or (lo_open and v == lo):
+                raise ConfigError(f"{name} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {v:g}")
+        for name, lo, most in (("top_k", 0, MAX_TOP_K), ("n", 1, MAX_SAMPLES)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ConfigError(f"{name} must be an integer >= {lo}, got {_short(v)}")
+            if v > most:
+                raise ConfigError(f"{name} must be at most {most}, got {_short(v)}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) for s in self.stop):
+            raise ConfigError(f"stop must be a string or a list of strings, got {_short(self.stop)}")
+        self.stop = tuple(dict.fromkeys(self.stop))  # order kept, repeats dropped
+        if len(self.stop) > MAX_STOPS:
+            raise ConfigError(f"at most {MAX_STOPS} stop strings, got {len(self.stop)}")
+        for s in self.stop:
+            if not s:
+                raise ConfigError("a stop string must not be empty")
+            if len(s) > MAX_STOP_CHARS:
+                raise ConfigError(f"a stop string must be at most {MAX_STOP_CHARS} characters, got {len(s)}")
+        if self.n > 1 and self.temperature == 0:
+            raise ConfigError(f"n = {self.n} samples at temperature 0 would be identical: set a temperature > 0")
+
+    @property
+    def filters(self) -> bool:
+        """Whether any sampling filter is on (they change nothing at temperature 0)."""
+        return self.temperature > 0 and (self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0)
 
     def replace(self, **changes: Any) -> DecodeParams:
         return dataclasses.replace(self, **changes)

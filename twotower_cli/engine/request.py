@@ -56,11 +56,14 @@ class Stats:
     denoiser_steps: int
     context_forwards: int
     blocks: int
-    finish_reason: str  # "eos" or "length"
+    finish_reason: str  # "eos", "stop" (a stop string) or "length"
     latency_s: float
     accepted_per_round: float | None = None  # speculative: tokens committed per verify forward
     ar_logprob: float | None = None  # the context tower's log p of the completion (None: not scored)
     ar_agreement: float | None = None  # share of the completion's tokens that are its greedy choice
+    top_k: int = 0  # the sampling filters in effect (DecodeParams)
+    top_p: float = 1.0
+    min_p: float = 0.0
 
     @property
     def steps(self) -> int:

@@ -10,6 +10,7 @@ silently up-cast mismatched shard schemas).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -20,7 +21,7 @@ import pyarrow as pa
 from ..errors import UserError
 
 # Bump when a column is added, removed or changes type; readers compare it before mixing shards.
-SCHEMA_VERSION = "2"  # 2: speculative mode's accepted_per_round; the AR score columns
+SCHEMA_VERSION = "3"  # 2: speculative's accepted_per_round, the AR score; 3: samples, filters, repetition, pass-through
 META_SCHEMA_VERSION = "twotower.schema_version"
 META_FINGERPRINT = "twotower.fingerprint"
 
@@ -41,6 +42,9 @@ class PromptRow:
     `overrides` holds only the per-row decoding fields that were given (validated and normalised:
     gamma/temperature as float), so the pipeline can do `defaults.replace(**row.overrides)`.
     `line_no` is the 1-based physical line for JSONL/stdin and the 1-based row for Parquet.
+    Pass-through (not decoding settings, not hashed into `input_hash`): `metadata` the input's other
+    fields as a JSON object (JSONL, OpenAI lines; Parquet columns that cannot keep their own
+    column), `columns` a Parquet input's other columns by name, typed (io.schema: extra fields).
     """
 
     id: str
@@ -49,6 +53,8 @@ class PromptRow:
     messages: list[dict[str, str]] | None
     overrides: dict[str, Any] = field(default_factory=dict)
     source_format: SourceFormat = "jsonl"
+    metadata: dict[str, Any] | None = None
+    columns: dict[str, Any] | None = None
 
     def prompt_text(self) -> str:
         """The `prompt` column value: the text, or the chat messages as compact JSON."""
@@ -76,7 +82,7 @@ class RejectedRow:
 
 # ---- output ------------------------------------------------------------------------------------
 
-_STR, _F64, _I64 = pa.string(), pa.float64(), pa.int64()
+_STR, _F64, _I64, _BOOL = pa.string(), pa.float64(), pa.int64(), pa.bool_()
 _TS = pa.timestamp("us", tz="UTC")
 
 # The per-row statistics: the engine's `Stats` (engine.request) has an attribute of each name, and
@@ -88,7 +94,10 @@ _STATS: list[tuple[str, pa.DataType, bool]] = [
     ("block_size", _I64, True),
     ("steps_per_block", _I64, True),
     ("temperature", _F64, True),
-    ("seed", _I64, True),
+    ("seed", _I64, True),  # the sample's own seed (pipeline.sample_seed): rerun alone, it gives this row
+    ("top_k", _I64, True),
+    ("top_p", _F64, True),
+    ("min_p", _F64, True),
     ("prompt_tokens", _I64, True),
     ("completion_tokens", _I64, True),
     ("denoiser_steps", _I64, True),
@@ -105,35 +114,60 @@ STATS_COLUMNS = tuple(name for name, _, _ in _STATS)
 # Every output column, in order: the row, its completion, its statistics, and where it came from.
 COLUMNS: list[tuple[str, pa.DataType, bool]] = [
     ("id", _STR, False),
+    ("sample_index", _I64, False),  # 0 .. n-1: the row's samples; (id, sample_index) is the row's key
     ("prompt", _STR, False),
+    ("chat", _BOOL, False),  # the prompt came as chat `messages` (`prompt` holds them as JSON)
     ("completion", _STR, False),
     *_STATS,
+    ("repetition", _F64, True),  # share of the completion covered by its most repeated n-gram (quality.py)
     ("model", _STR, True),
     # blake2b-64 (16 hex) of the row's input: prompt/messages and its decoding settings, not its id
     # (pipeline.input_hash); a resume compares it to find rows whose input changed under their id
     ("input_hash", _STR, True),
+    # the input's other fields as a JSON object (null: none), so outputs join back to their sources
+    ("metadata", _STR, True),
     ("created_at", _TS, False),
 ]
+# A Parquet input's other columns follow these, each with its own name and type (`extra` below).
 COLUMN_NAMES = [c[0] for c in COLUMNS]
 _COLUMN_TYPES = {name: t for name, t, _ in COLUMNS}
 INT64_MAX = 2**63 - 1
 
 
-def output_schema(metadata: dict[str, str] | None = None) -> pa.Schema:
-    """The shard schema, with the schema version (and any extra metadata) in key-value metadata."""
+def output_schema(metadata: dict[str, str] | None = None, extra: Sequence[pa.Field] = ()) -> pa.Schema:
+    """The shard schema, with the schema version (and any extra metadata) in key-value metadata.
+    `extra`: pass-through columns of a Parquet input (nullable, after the fixed columns)."""
     meta = {META_SCHEMA_VERSION: SCHEMA_VERSION, **(metadata or {})}
-    return pa.schema([pa.field(n, t, nullable=nn) for n, t, nn in COLUMNS], metadata=meta)
+    fields = [pa.field(n, t, nullable=nn) for n, t, nn in COLUMNS]
+    fields += [pa.field(f.name, f.type, nullable=True) for f in extra]
+    return pa.schema(fields, metadata=meta)
 
 
-def check_record(record: dict[str, Any]) -> dict[str, Any]:
+def passthrough_fields(schema: pa.Schema, consumed: Sequence[str]) -> list[pa.Field]:
+    """The columns of an input Parquet schema that pass through to the output as typed columns:
+    every column not `consumed` (prompt, id, decoding settings) whose name is not an output column
+    (those go into `metadata` instead, io.reader)."""
+    taken = set(consumed) | set(COLUMN_NAMES)
+    return [f for f in schema if f.name not in taken]
+
+
+def describe_fields(extra: Sequence[pa.Field]) -> list[list[str]]:
+    """The pass-through columns as [name, type] pairs (the run fingerprint: a resume must write the
+    same shard schema)."""
+    return [[f.name, str(f.type)] for f in extra]
+
+
+def check_record(record: dict[str, Any], extra: Sequence[pa.Field] = ()) -> dict[str, Any]:
     """Validate one output record and return it normalised, or raise ValueError naming the column.
 
     Checked at `add()` time, not when a row group is flushed, so a bad record is reported against
     the row that produced it instead of failing a whole buffered row group later. Missing optional
     columns become null; `created_at` defaults to now (UTC); unknown keys are an error (a typo
-    would otherwise silently drop a statistic).
+    would otherwise silently drop a statistic). `extra` are the pass-through columns (checked by
+    Arrow against their type).
     """
-    unknown = set(record) - set(_COLUMN_TYPES)
+    extra_types = {f.name: f.type for f in extra}
+    unknown = set(record) - set(_COLUMN_TYPES) - set(extra_types)
     if unknown:
         raise ValueError(f"unknown output column(s) {sorted(unknown)}")
     out: dict[str, Any] = {}
@@ -142,15 +176,31 @@ def check_record(record: dict[str, Any]) -> dict[str, Any]:
         if v is None:
             if name == "created_at":
                 v = datetime.now(timezone.utc)
+            elif name == "sample_index":
+                v = 0
+            elif name == "chat":
+                v = False
             elif not nullable:
                 raise ValueError(f"output column {name!r} is required")
             out[name] = v
             continue
         out[name] = _check_value(name, typ, v)
+    for name, typ in extra_types.items():
+        v = record.get(name)
+        if v is not None:
+            try:
+                pa.array([v], type=typ)
+            except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
+                raise ValueError(f"column {name!r} cannot hold {v!r} as {typ}: {e}") from None
+        out[name] = v
     return out
 
 
 def _check_value(name: str, typ: pa.DataType, v: Any) -> Any:
+    if typ == _BOOL:
+        if not isinstance(v, bool):
+            raise ValueError(f"column {name!r} must be a boolean, got {type(v).__name__}")
+        return v
     if typ == _STR:
         if not isinstance(v, str):
             raise ValueError(f"column {name!r} must be a string, got {type(v).__name__}")
@@ -171,3 +221,10 @@ def _check_value(name: str, typ: pa.DataType, v: Any) -> Any:
             raise ValueError(f"column {name!r} must be a timezone-aware datetime, got {v!r}")
         return v.astimezone(timezone.utc)
     raise AssertionError(f"no check for {typ}")  # pragma: no cover
+
+
+def sample_key(row_id: str, sample_index: int = 0) -> str:
+    """The key of one output row (its done-set entry): the id for sample 0, so a run without
+    samples keys rows as before, and `id + NUL + k` for sample k >= 1. Unambiguous because ids never
+    hold a NUL character (io.reader rejects them)."""
+    return row_id if not sample_index else f"{row_id}\x00{sample_index}"
