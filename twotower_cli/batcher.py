@@ -2,7 +2,8 @@
 
 Rows are read through a bounded look-ahead window (memory stays flat), tokenized (plain prompts
 with the tokenizer's special tokens, chat messages through its chat template), checked against
-the model's limits, and emitted window by window sorted by (mode, block size, prompt length). The
+the model's limits, expanded into one request per sample still to do (n samples of a row share
+its tokens), and emitted window by window sorted by (mode, block size, prompt length). The
 engine admits rows in this order whenever slots free up, so the rows prefilled together have
 similar lengths and the padding of a batched prefill stays small.
 """
@@ -14,10 +15,12 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from dataclasses import replace as dc_replace
 from typing import Any
 
 from .config import ConfigError, DecodeParams
-from .engine.request import Request
+from .engine.request import Request, sample_seed
+from .engine.stops import StopMatcher
 from .errors import UserError
 from .io.schema import PromptRow, RejectedRow
 
@@ -86,7 +89,24 @@ class Batcher:
             return RejectedRow(row.line_no, row.id,
                                f"prompt too long: {len(ids)} tokens, at most {limit} allowed "
                                f"(with max_new_tokens={params.max_new_tokens})")
-        return Request(row.id, ids, params, meta=row)
+        stop = StopMatcher(params.stop, self._decode) if params.stop else None
+        return Request(row.id, ids, params, meta=row, stop=stop)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    @staticmethod
+    def samples(req: Request) -> list[Request]:
+        """One request per sample still to do of the row (PromptRow.samples), each with its own seed
+        (engine.request.sample_seed) and its own stop matcher (a matcher counts its own work)."""
+        row = req.meta
+        ks = row.samples if isinstance(row, PromptRow) else (0,)
+        if list(ks) == [0]:
+            return [req]
+        p = req.params
+        return [dc_replace(req, params=p.replace(seed=sample_seed(p.seed, req.id, k)), sample_index=k,
+                           stop=StopMatcher(req.stop.stops, req.stop.decode) if req.stop else None)
+                for k in ks]
 
     # ---- chat templates ----------------------------------------------------------------------------
 
@@ -126,7 +146,7 @@ class Batcher:
                                     "fix its chat_template, or give plain 'prompt' rows")
                 yield out
                 continue
-            window.append(out)
+            window.extend(self.samples(out))
             if len(window) >= self.policy.window:
                 self._requests += len(window)
                 yield from self._sorted(window)

@@ -6,7 +6,8 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import DecodeParams
+from ..config import SEED_LIMIT, DecodeParams
+from .stops import StopMatcher
 
 
 def row_key(row_id: str) -> int:
@@ -14,14 +15,28 @@ def row_key(row_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(row_id.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
+def sample_seed(seed: int, row_id: str, sample_index: int) -> int:
+    """The seed of sample k of a row: the row's seed for k = 0 (one sample decodes as before),
+    else a 63-bit hash of (seed, id, k). Noise is keyed by (seed, row key, ...), so sample k
+    decoded alone with this seed (n = 1) gives the same tokens whatever its batch."""
+    if not sample_index:
+        return seed
+    data = f"{seed}\x00{row_id}\x00{sample_index}".encode("utf-8", "surrogatepass")
+    h = int.from_bytes(hashlib.blake2b(data, digest_size=8, person=b"twotower-sample").digest(), "little")
+    return h % SEED_LIMIT
+
+
 @dataclass
 class Request:
-    """One prompt to decode. `prompt_ids` are token ids (the batcher tokenized them)."""
+    """One prompt to decode. `prompt_ids` are token ids (the batcher tokenized them). One request
+    per sample: `sample_index` k of the row's n, its `params.seed` already the sample's own."""
 
     id: str
     prompt_ids: list[int]
     params: DecodeParams = field(default_factory=DecodeParams)
     meta: Any = None  # carried through untouched (the pipeline's row payload)
+    sample_index: int = 0
+    stop: StopMatcher | None = None  # finds the row's stop strings in its output (engine.stops)
 
     @property
     def key(self) -> int:
@@ -76,9 +91,11 @@ class Stats:
 
 @dataclass
 class Result:
-    """A finished row. `tokens` is the completion, cut after the first EOS (the EOS is kept)."""
+    """A finished row. `tokens` is the completion, cut after the first EOS (the EOS is kept) or
+    after the token that completes a stop string."""
 
     id: str
     tokens: list[int]
     stats: Stats
     meta: Any = None
+    sample_index: int = 0

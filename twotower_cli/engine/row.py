@@ -55,6 +55,8 @@ class Row:
     prev: Tensor | None = None
     read: int = 0
     cut: int = 0  # once decided: the completion's length (what is scored)
+    end: int | None = None  # a stop string ended the output: it keeps out[:end]
+    seen: int = 0  # diffusion: tokens of the block in progress already checked for stop strings
 
     @property
     def p(self) -> DecodeParams:
@@ -113,7 +115,7 @@ class Row:
         self.phase = Phase.DONE
         if not self.scoring:
             return
-        n = len(finish(self.out, self.p.max_new_tokens, eos)[0])
+        n = len(self.final(eos)[0])
         if self.p.mode == "diffusion" and self.prev is not None and len(self.lp) < n:
             tok = self.out[len(self.lp)]  # the first unread token: scored by the last forward's logits
             self.score([float(self.prev[tok])], [int(self.prev.argmax()) == tok])
@@ -121,6 +123,25 @@ class Row:
         self.cut = n
         if len(self.lp) < n:
             self.phase = Phase.SCORE
+
+    def final(self, eos: set[int]) -> tuple[list[int], str]:
+        """The output as written and why it ended: the token limit, the first EOS, or a stop string."""
+        out = self.out if self.end is None else self.out[: self.end]
+        tokens, reason = finish(out, self.p.max_new_tokens, eos)
+        if self.end is not None and reason == "length" and len(tokens) == self.end:
+            reason = "stop"
+        return tokens, reason
+
+    def _stopped(self, tokens: list[int], new_from: int) -> bool:
+        """Whether `tokens` (the output so far) holds a stop string in what came from `new_from` on;
+        if so the output is cut there (`end`)."""
+        if self.req.stop is None:
+            return False
+        end = self.req.stop.find(tokens, new_from)
+        if end is None:
+            return False
+        self.end = end
+        return True
 
     def score_ids(self) -> list[int]:
         """What the context tower reads to score the rest: the tokens before each unscored one."""
@@ -131,7 +152,7 @@ class Row:
     def take(self, token: int, eos: set[int]) -> None:
         """AR / mock-AR: the chosen next token (speculative: AR's first token, from the prefill)."""
         self.out.append(token)
-        if ended(self.out, self.p.max_new_tokens, eos, new=1):
+        if ended(self.out, self.p.max_new_tokens, eos, new=1) or self._stopped(self.out, len(self.out) - 1):
             self._decided(eos)
         elif self.p.mode == "speculative":
             self._draft_from(token)
@@ -154,7 +175,8 @@ class Row:
         self.ctx += 1
         self.rounds += 1
         self.round_tokens += len(accepted) + 1
-        if ended(self.out, self.p.max_new_tokens, eos, new=len(accepted) + 1):
+        new = len(accepted) + 1
+        if ended(self.out, self.p.max_new_tokens, eos, new=new) or self._stopped(self.out, len(self.out) - new):
             self._decided(eos)
         else:
             self._draft_from(token)
@@ -168,21 +190,40 @@ class Row:
                 self.phase = Phase.COMMIT
             return
         if complete:
+            new = len(self.out) + self.seen
             self.out.extend(block.tolist())
             self.blocks += 1
-            self.xt, self.k = block.new_full(block.shape, mask), 0
-            if ended(self.out, self.p.max_new_tokens, eos, new=len(block)):
+            self.xt, self.k, self.seen = block.new_full(block.shape, mask), 0, 0
+            if ended(self.out, self.p.max_new_tokens, eos, new=len(block)) or self._stopped(self.out, new):
                 self._decided(eos)
             else:
                 self.phase = Phase.COMMIT
-        elif end := settled(block.tolist(), mask, self.p.max_new_tokens - len(self.out), eos):
-            self.out.extend(block[:end].tolist())  # the output is decided: the rest would be cut
+            return
+        ids = block.tolist()
+        if end := settled(ids, mask, self.p.max_new_tokens - len(self.out), eos):
+            self.out.extend(ids[:end])  # the output is decided: the rest would be cut
             self.blocks += 1
             self._decided(eos)
+        elif self.req.stop is not None:
+            self._stop_in_block(ids, mask, eos)
+
+    def _stop_in_block(self, ids: list[int], mask: int, eos: set[int]) -> None:
+        """A diffusion block's committed prefix (the positions up to its first mask) is final: when
+        it completes a stop string, the output is decided after this commit, mid-block."""
+        prefix = ids.index(mask) if mask in ids else len(ids)
+        if prefix <= self.seen:
+            return
+        tokens = self.out + ids[:prefix]
+        if self._stopped(tokens, len(self.out) + self.seen):
+            self.out = tokens
+            self.blocks += 1
+            self._decided(eos)
+        else:
+            self.seen = prefix
 
     def result(self, eos: set[int]) -> Result:
         p = self.p
-        tokens, reason = finish(self.out, p.max_new_tokens, eos)
+        tokens, reason = self.final(eos)
         stats = Stats(
             mode=p.mode, gamma=p.gamma, block_size=p.block_size, steps_per_block=p.steps_per_block,
             temperature=p.temperature, seed=p.seed, prompt_tokens=len(self.req.prompt_ids),
@@ -192,5 +233,7 @@ class Row:
             accepted_per_round=self.round_tokens / self.rounds if self.rounds else None,
             ar_logprob=sum(self.lp[: len(tokens)]) if self.scoring and tokens else (0.0 if self.scoring else None),
             ar_agreement=sum(self.hit[: len(tokens)]) / len(tokens) if self.scoring and tokens else None,
+            top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
         )
-        return Result(id=self.req.id, tokens=tokens, stats=stats, meta=self.req.meta)
+        return Result(id=self.req.id, tokens=tokens, stats=stats, meta=self.req.meta,
+                      sample_index=self.req.sample_index)

@@ -55,6 +55,7 @@ class PromptRow:
     source_format: SourceFormat = "jsonl"
     metadata: dict[str, Any] | None = None
     columns: dict[str, Any] | None = None
+    samples: tuple[int, ...] = (0,)  # the sample indices to decode (the run loop drops those done)
 
     def prompt_text(self) -> str:
         """The `prompt` column value: the text, or the chat messages as compact JSON."""
