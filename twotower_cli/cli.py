@@ -75,6 +75,11 @@ def gen(
     temperature: o.Temperature = 0.0,
     max_new_tokens: o.MaxNewTokens = 128,
     seed: o.Seed = 0,
+    top_k: o.TopK = 0,
+    top_p: o.TopP = 1.0,
+    min_p: o.MinP = 0.0,
+    stop: o.Stop = None,
+    n: o.Samples = 1,
     mask_token_id: o.MaskTokenId = 3,
     ar_score: o.ArScore = None,
     device: o.Device = None,
@@ -88,6 +93,7 @@ def gen(
     prompt_field: o.PromptField = "prompt",
     id_field: o.IdField = "id",
     limit: o.Limit = None,
+    output_format: o.OutputFormat = None,
     overwrite: o.Overwrite = False,
     fail_on_error: o.FailOnError = False,
     quiet: o.Quiet = False,
@@ -112,11 +118,13 @@ def gen(
     with user_errors():
         decode = DecodeParams(mode=mode, gamma=gamma, block_size=block_size, steps_per_block=steps_per_block,
                               temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
-                              mask_token_id=mask_token_id)
+                              mask_token_id=mask_token_id, top_k=top_k, top_p=top_p, min_p=min_p,
+                              stop=tuple(stop or ()), n=n)
         run = o.GenOptions(source=source, out=out, max_batch_rows=max_batch_rows,
                            max_batch_tokens=max_batch_tokens, rows_per_shard=rows_per_shard,
                            prompt_field=prompt_field, id_field=id_field, limit=limit, overwrite=overwrite,
-                           fail_on_error=fail_on_error, quiet=quiet, ar_score=ar_score, log_every=log_every)
+                           fail_on_error=fail_on_error, quiet=quiet, ar_score=ar_score, log_every=log_every,
+                           format=output_format)
         placement = o.Placement(model=model, device=device, ctx_device=ctx_device, den_device=den_device,
                                 dtype=dtype, threads=threads)
         scale = o.ScaleOut(num_shards=num_shards, shard_index=shard_index, ray=ray, ray_address=ray_address,

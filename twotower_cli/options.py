@@ -25,6 +25,8 @@ from typing import Annotated
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from .errors import UserError
+
 # ---- help panels ----------------------------------------------------------------------------------
 
 DECODING = "Decoding"
@@ -40,6 +42,7 @@ BENCH = "Benchmark"
 # as two on an idle 2-core machine and several times faster when another process keeps a core
 # busy (OpenMP threads spin against each other); a big model on a big machine wants more: --threads.
 DEFAULT_THREADS = 1
+FORMATS = ("parquet", "jsonl", "openai")
 DEFAULT_LOG_EVERY_S = 30.0
 
 # ---- options shared by commands ---------------------------------------------------------------------
@@ -66,9 +69,9 @@ Source = Annotated[str, typer.Argument(
     metavar="SOURCE", show_default=False, help="Prompts: a JSONL or Parquet file, or - for stdin.")]
 Out = Annotated[Path, typer.Option(
     "--out", "-o", metavar="DIR", rich_help_panel=IO,
-    help="Output directory (Parquet shards; resumable), or - to stream rows to stdout as JSON lines "
-         "(the Parquet columns, in completion order, flushed per row; the summary goes to stderr; no "
-         "resume). A directory named - is ./-.")]
+    help="Output directory (shards in --format; resumable), or - to stream rows to stdout as JSON "
+         "lines (the output columns, in completion order, flushed per row; the summary goes to "
+         "stderr; no resume). A directory named - is ./-.")]
 ArScore = Annotated[bool | None, typer.Option(
     "--ar-score/--no-ar-score", rich_help_panel=DECODING, show_default=False,
     help="Score every row with the context tower (ar_logprob, ar_agreement columns). Default: AR "
@@ -84,6 +87,23 @@ Temperature = Annotated[float, typer.Option(
     help="Sampling temperature: 0 is greedy, above 0 samples (per-row noise keyed by the seed).")]
 Seed = Annotated[int, typer.Option(
     "--seed", metavar="N", rich_help_panel=DECODING, help="Sampling seed (rows may override it).")]
+TopK = Annotated[int, typer.Option(
+    "--top-k", metavar="K", rich_help_panel=DECODING,
+    help="Sample only among the K most likely tokens (0: off; temperature > 0 only).")]
+TopP = Annotated[float, typer.Option(
+    "--top-p", metavar="P", rich_help_panel=DECODING,
+    help="Sample only within the smallest set of tokens of probability mass P (1: off).")]
+MinP = Annotated[float, typer.Option(
+    "--min-p", metavar="P", rich_help_panel=DECODING,
+    help="Sample only tokens at least P times as likely as the most likely one (0: off).")]
+Stop = Annotated[list[str] | None, typer.Option(
+    "--stop", metavar="STR", show_default=False, rich_help_panel=DECODING,
+    help="End a completion before this string (repeatable; rows may set their own `stop`). "
+         "finish_reason is then `stop`.")]
+Samples = Annotated[int, typer.Option(
+    "--n", metavar="K", rich_help_panel=DECODING,
+    help="Samples per prompt, each its own output row (sample_index 0..K-1, its own seed; needs a "
+         "temperature > 0). Rows may set their own `n`.")]
 MaskTokenId = Annotated[int, typer.Option(
     "--mask-token-id", metavar="ID", rich_help_panel=DECODING, help="The mask token id of the checkpoint.")]
 Device = Annotated[str | None, typer.Option(
@@ -111,6 +131,10 @@ IdField = Annotated[str, typer.Option(
 Limit = Annotated[int | None, typer.Option(
     "--limit", metavar="N", min=0, show_default=False, rich_help_panel=IO,
     help="Read at most this many input rows (default: all).")]
+OutputFormat = Annotated[str | None, typer.Option(
+    "--format", metavar="FMT", show_default=False, rich_help_panel=IO,
+    help="Rows as parquet (default), jsonl, or openai (OpenAI batch output lines): the shards of "
+         "the output directory, or the lines of -o - (jsonl by default there).")]
 Overwrite = Annotated[bool, typer.Option(
     "--overwrite/--no-overwrite", rich_help_panel=IO,
     help="Start over in an output directory written with other settings (deletes its shards).")]
@@ -165,6 +189,17 @@ class GenOptions:
     quiet: bool = False
     ar_score: bool | None = None  # None: where it is free (AR, speculative rows)
     log_every: float = DEFAULT_LOG_EVERY_S  # no terminal: a progress line this often (seconds)
+    format: str | None = None  # parquet, jsonl, openai (None: parquet, or jsonl with -o -)
+
+    def __post_init__(self) -> None:
+        if self.format is not None and self.format not in FORMATS:
+            raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.format == "parquet" and str(self.out) == "-":
+            raise UserError("-o - streams lines: use --format jsonl or openai (Parquet needs a file)")
+
+    @property
+    def output_format(self) -> str:
+        return self.format or ("jsonl" if str(self.out) == "-" else "parquet")
 
 
 @dataclass(frozen=True)

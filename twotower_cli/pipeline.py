@@ -58,7 +58,8 @@ from .io.jsonl_out import JsonlSink
 from .io.partition import Partition
 from .io.reader import read_rows, row_excerpt
 from .io.rundir import RunDir
-from .io.schema import SCHEMA_VERSION, STATS_COLUMNS, PromptRow, RejectedRow
+from .io.schema import SCHEMA_VERSION, STATS_COLUMNS, PromptRow, RejectedRow, describe_fields, sample_key
+from .quality import repetition
 
 if TYPE_CHECKING:
     from .engine import Request, Result
@@ -91,6 +92,7 @@ class RunConfig:
     partition: Partition | None = None  # one task of a job array: only the rows of this shard
     ar_score: bool | None = None  # the AR score of each row: True all, False none, None AR/speculative rows
     dtype: str | None = None  # the model's compute dtype (None: the checkpoint's); part of the fingerprint
+    format: str = "parquet"  # the committed shards (parquet, jsonl, openai), or the lines of a stream
 
 
 COUNTERS = ("prefill_calls", "prefill_tokens", "prefill_padded_tokens", "denoiser_calls", "context_calls")
@@ -119,13 +121,17 @@ class Progress:
     input_changed: int = 0  # rows done before whose input has changed since (kept, and logged)
 
 
-def fingerprint(cfg: RunConfig) -> dict[str, Any]:
+def fingerprint(cfg: RunConfig, extra_fields: Iterable[Any] = ()) -> dict[str, Any]:
     """What a resume must share with the run it continues: the model (and the dtype it runs in),
-    the run-level decoding parameters, and the input field mapping (another --id-field names other
-    rows; another --prompt-field gives other prompts)."""
+    the run-level decoding parameters (not `n`: a resume may ask for more samples of each row),
+    the input field mapping (another --id-field names other rows; another --prompt-field gives
+    other prompts), the output format, and a Parquet input's pass-through columns (the shard schema)."""
+    decode = asdict(cfg.defaults)
+    decode.pop("n")
     return {"model": cfg.model_name, "checkpoint": cfg.model_fingerprint, "schema": SCHEMA_VERSION,
-            "decode": asdict(cfg.defaults), "dtype": cfg.dtype,
-            "input": {"prompt_field": cfg.prompt_field, "id_field": cfg.id_field}}
+            "decode": decode, "dtype": cfg.dtype, "format": cfg.format,
+            "input": {"prompt_field": cfg.prompt_field, "id_field": cfg.id_field,
+                      "columns": describe_fields(list(extra_fields))}}
 
 
 _INPUT_PERSON = b"twotower-input"
@@ -135,9 +141,12 @@ INPUT_CHANGED = ("input changed since its row was committed under this id: the c
 
 def input_hash(row: PromptRow, defaults: DecodeParams) -> str:
     """The `input_hash` column: blake2b-64 (16 hex) of the row's prompt or messages and its
-    effective decoding settings (the run's defaults with the row's overrides), not of its id."""
-    data = orjson.dumps({"prompt": row.prompt, "messages": row.messages,
-                         "decode": {**asdict(defaults), **row.overrides}},
+    effective decoding settings (the run's defaults with the row's overrides; not `n`, which does
+    not change any one sample), not of its id nor of its pass-through metadata."""
+    decode = {**asdict(defaults), **row.overrides}
+    decode.pop("n", None)
+    decode["stop"] = list(decode["stop"])  # a tuple (defaults) and a list (overrides) hash the same
+    data = orjson.dumps({"prompt": row.prompt, "messages": row.messages, "decode": decode},
                         option=orjson.OPT_SORT_KEYS, default=str)
     return hashlib.blake2b(data, digest_size=8, person=_INPUT_PERSON).hexdigest()
 
@@ -286,23 +295,34 @@ class LocalDecoder(Decoder):
         for res in self.engine.run(requests(), stop=lambda: signals.now):
             while rejected:
                 yield rejected.popleft()
-            yield Decoded(output_record(res, self.cfg.tokenizer, self.cfg.model.config.eos_ids, self.model_label),
-                          res.stats.steps)
+            yield Decoded(output_record(res, self.cfg.tokenizer, self.cfg.model.config.eos_ids, self.model_label,
+                                        self.cfg.defaults.stop), res.stats.steps)
             if signals.now:
                 break  # a second signal: stop now; the loop has committed the rows finished
         while rejected:
             yield rejected.popleft()
 
 
-def output_record(res: Result, tokenizer: Any, eos_ids: Iterable[int], model: str) -> dict[str, Any]:
-    """The output record of a finished row (created_at is left to the writer: now)."""
+def output_record(res: Result, tokenizer: Any, eos_ids: Iterable[int], model: str,
+                  stops: Iterable[str] = ()) -> dict[str, Any]:
+    """The output record of a finished row (created_at is left to the writer: now; input_hash and
+    the pass-through columns are added where it is committed, `commit`). `stops`: the run's stop
+    strings (a row's own `stop` replaces them)."""
     row: PromptRow = res.meta
     rec = {k: getattr(res.stats, k) for k in STATS_COLUMNS}
     tokens = res.tokens
     if tokens and tokens[-1] in set(eos_ids):
         tokens = tokens[:-1]  # the EOS ends the completion; it is not part of its text
-    rec.update(id=res.id, prompt=row.prompt_text(), completion=tokenizer.decode(tokens, skip_special_tokens=True),
-               model=model)
+    from .engine.stops import cut_at_stop  # torch is loaded by then (a decoder made this result)
+
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    stop = row.overrides.get("stop") if "stop" in row.overrides else stops
+    if stop:  # the text ends before the first stop string (the engine stopped the row right after it)
+        text, found = cut_at_stop(text, stop)
+        if found and rec["finish_reason"] != "eos":
+            rec["finish_reason"] = "stop"
+    rec.update(id=res.id, sample_index=res.sample_index, prompt=row.prompt_text(), chat=row.messages is not None,
+               completion=text, model=model, repetition=repetition(tokens))
     return rec
 
 
@@ -337,16 +357,17 @@ def generate(cfg: RunConfig, decoder: Decoder | Callable[[], Decoder],
     rows = read_rows(cfg.source, prompt_field=cfg.prompt_field, id_field=cfg.id_field, limit=cfg.limit)
     dec = decoder if isinstance(decoder, Decoder) else None
     if stream is not None:
-        sink: RunDir | JsonlSink = JsonlSink(stream, on_reject)
+        sink: RunDir | JsonlSink = JsonlSink(stream, on_reject, format=cfg.format, extra_fields=rows.extra_fields)
     else:
-        sink = RunDir(cfg.out_dir, fingerprint(cfg), overwrite=cfg.overwrite, rows_per_shard=cfg.rows_per_shard,
-                      partition=cfg.partition)
+        sink = RunDir(cfg.out_dir, fingerprint(cfg, rows.extra_fields), overwrite=cfg.overwrite,
+                      rows_per_shard=cfg.rows_per_shard, partition=cfg.partition, format=cfg.format,
+                      extra_fields=rows.extra_fields)
     with sink as rd:
         for n in rd.notes:
             if notes:
                 notes(n)
         sig = Signals(prog)
-        inflight: dict[str, str] = {}  # id -> input hash, of the rows admitted and not yet committed
+        inflight: dict[str, Inflight] = {}  # id -> the row admitted, its input hash and samples not yet committed
         todo = admit(rows, rd, cfg.partition, prog, sig, defaults=cfg.defaults, inflight=inflight)
         try:
             with sig:  # reading up to the first row to do: a signal here stops the run (exit 3)
@@ -416,11 +437,12 @@ def _chain(held: list[PromptRow], rest: Iterator[PromptRow]) -> Iterator[PromptR
 
 def admit(rows: Iterable[PromptRow | RejectedRow], rd: RunDir | JsonlSink, partition: Partition | None, prog: Progress,
           signals: Signals, *, defaults: DecodeParams | None = None,
-          inflight: dict[str, str] | None = None) -> Iterator[PromptRow]:
-    """The rows to decode: this task's, not done, valid (the reader's rejects are logged here).
-    Stops reading at the first signal. A row committed by an earlier run whose input has changed
-    since (same id, another input hash) is not decoded again but logged, and counted in
-    `prog.input_changed`. `inflight` gets the input hash of each row admitted (for its record)."""
+          inflight: dict[str, Inflight] | None = None) -> Iterator[PromptRow]:
+    """The rows to decode: this task's, valid (the reader's rejects are logged here), with the
+    samples not done yet (`PromptRow.samples`; a row with none left is skipped). Stops reading at
+    the first signal. A sample committed by an earlier run whose input has changed since (same
+    key, another input hash) is not decoded again but logged, and counted in `prog.input_changed`.
+    `inflight` gets each row admitted, by id, with its input hash (for its records, `commit`)."""
     defaults = defaults if defaults is not None else DecodeParams()
     check = isinstance(rd, RunDir)
     for r in rows:
@@ -433,24 +455,38 @@ def admit(rows: Iterable[PromptRow | RejectedRow], rd: RunDir | JsonlSink, parti
             rd.reject(r)  # logged once across resumes, counted on every run that reads it
             prog.rejected += 1
             continue
-        stored = rd.committed_input(r.id) if check else None
-        if stored is not None:
-            prog.skipped += 1
-            if stored and stored != int(input_hash(r, defaults), 16):
-                rd.reject(RejectedRow(r.line_no, r.id, INPUT_CHANGED, row_excerpt(r)))
-                prog.input_changed += 1
-            continue
-        if rd.is_done(r.id):
-            prog.skipped += 1
+        n = r.overrides.get("n", defaults.n)
+        h: str | None = None
+        todo = []
+        changed = False
+        for k in range(n):
+            key = sample_key(r.id, k)
+            stored = rd.committed_input(key) if check else None
+            if stored is not None:
+                prog.skipped += 1
+                if stored:
+                    h = h or input_hash(r, defaults)
+                    changed |= stored != int(h, 16)
+                continue
+            if rd.is_done(key):
+                prog.skipped += 1
+                continue
+            todo.append(k)
+        if changed:
+            rd.reject(RejectedRow(r.line_no, r.id, INPUT_CHANGED, row_excerpt(r)))
+            prog.input_changed += 1
+            continue  # its other samples would mix two inputs under one id: none is decoded
+        if not todo:
             continue
         if inflight is not None:
-            inflight[r.id] = input_hash(r, defaults)
-        yield r
+            inflight[r.id] = Inflight(r, h or input_hash(r, defaults), set(todo))
+        yield r if todo == [0] else dc_replace(r, samples=tuple(todo))
     rd.sync_rejects()  # the whole input is read: its rejects are durable
 
 
 def commit(items: Iterable[Decoded | RejectedRow], rd: RunDir | JsonlSink, prog: Progress, commit_every_s: float,
-           on_result: Callable[[Progress], None] | None, inflight: dict[str, str] | None = None) -> None:
+           on_result: Callable[[Progress], None] | None,
+           inflight: dict[str, Inflight] | None = None) -> None:
     """Write what a decoder delivers through the run directory or stream (the only writer),
     committing the open shard at least every `commit_every_s`. A stream whose reader went away
     (`-o - | head`) stops the run at once, like a second signal."""
@@ -460,13 +496,17 @@ def commit(items: Iterable[Decoded | RejectedRow], rd: RunDir | JsonlSink, prog:
             continue  # the decoder stops at its next step; nothing more can be written
         if isinstance(item, RejectedRow):
             if inflight and item.id is not None:
-                inflight.pop(item.id, None)
+                inflight.pop(item.id, None)  # a rejected row has no sample to commit
             rd.reject(item)
             prog.rejected += 1
             continue
         record = item.record
-        if inflight is not None and record.get("input_hash") is None:
-            record = {**record, "input_hash": inflight.pop(record["id"], None)}
+        got = inflight.get(record["id"]) if inflight is not None else None
+        if got is not None:
+            record = with_input(record, got.input_hash, got.row)
+            got.samples.discard(record.get("sample_index") or 0)
+            if not got.samples:
+                del inflight[record["id"]]
         if not rd.add(record):
             prog.output_closed = True
             prog.stopping = max(prog.stopping, 2)  # the decoder stops now (Signals.now)
@@ -481,6 +521,26 @@ def commit(items: Iterable[Decoded | RejectedRow], rd: RunDir | JsonlSink, prog:
         if time.monotonic() - last_commit > commit_every_s:
             rd.checkpoint()
             last_commit = time.monotonic()
+
+
+@dataclass
+class Inflight:
+    """A row admitted and not yet wholly committed: for the records of its samples."""
+
+    row: PromptRow
+    input_hash: str
+    samples: set[int]
+
+
+def with_input(record: dict[str, Any], in_hash: str, row: PromptRow) -> dict[str, Any]:
+    """A record with what comes from its input row rather than its decoding: the input hash, the
+    metadata (a JSON object) and a Parquet input's typed pass-through columns."""
+    out = {**record, **(row.columns or {})}
+    if out.get("input_hash") is None:
+        out["input_hash"] = in_hash
+    if row.metadata and out.get("metadata") is None:
+        out["metadata"] = orjson.dumps(row.metadata, default=str).decode()
+    return out
 
 
 def summarize(cfg: RunConfig, prog: Progress, c: dict[str, int], errors_file: Path | None) -> dict[str, Any]:

@@ -60,13 +60,14 @@ import pyarrow as pa
 
 from .batcher import BatchPolicy
 from .errors import UserError
-from .io.schema import PromptRow, RejectedRow
+from .io.schema import PromptRow, RejectedRow, sample_key
 from .pipeline import Decoded, Decoder, LocalDecoder, Progress, RunConfig, Signals, generate
 
 FAULT_ENV = "TWOTOWER_RAY_FAULT"  # testing only: "ROW_ID:MARKER" -> one actor dies on ROW_ID's batch
 # Driver -> actors: one PromptRow per row (overrides and messages as JSON, so any value round-trips).
 _IN_SCHEMA = pa.schema([("id", pa.string()), ("line_no", pa.int64()), ("prompt", pa.string()),
-                        ("messages", pa.string()), ("overrides", pa.string()), ("source_format", pa.string())])
+                        ("messages", pa.string()), ("overrides", pa.string()), ("source_format", pa.string()),
+                        ("samples", pa.list_(pa.int64()))])
 # Actors -> driver: "row" (an output record), "rejected" (a RejectedRow) or "counters" (engine counters).
 _OUT_SCHEMA = pa.schema([("kind", pa.string()), ("payload", pa.binary())])
 _COUNTERS = ("prefill_calls", "prefill_tokens", "prefill_padded_tokens", "denoiser_calls", "context_calls")
@@ -241,7 +242,7 @@ class RayDecoder(Decoder):
                     self.counters[k] += d.get(k, 0)
             elif kind == "rejected":
                 yield RejectedRow(**d)
-            elif is_done(d["id"]):
+            elif is_done(sample_key(d["id"], d.get("sample_index") or 0)):
                 self.info["duplicates_dropped"] += 1
             else:
                 d["created_at"] = datetime.fromisoformat(d["created_at"])
@@ -323,12 +324,13 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 def _row_to_dict(r: PromptRow) -> dict[str, Any]:
     return {"id": r.id, "line_no": r.line_no, "prompt": r.prompt,
             "messages": None if r.messages is None else orjson.dumps(r.messages).decode(),
-            "overrides": orjson.dumps(r.overrides).decode(), "source_format": r.source_format}
+            "overrides": orjson.dumps(r.overrides).decode(), "source_format": r.source_format,
+            "samples": list(r.samples)}
 
 
 def _dict_to_row(d: dict[str, Any]) -> PromptRow:
     return PromptRow(d["id"], d["line_no"], d["prompt"], None if d["messages"] is None else orjson.loads(d["messages"]),
-                     orjson.loads(d["overrides"]), d["source_format"])
+                     orjson.loads(d["overrides"]), d["source_format"], samples=tuple(d["samples"]))
 
 
 # ---- the actors -----------------------------------------------------------------------------------

@@ -7,13 +7,24 @@ next row is read. Only a source that cannot be read at all raises `InputError`.
 
 Row rules (decided here, documented in README's input section):
 - JSONL: `prompt` (or `prompt_field`) text, or `messages` [{role, content}], not both. Blank lines
-  are skipped silently (they carry no row). Unknown keys are ignored: datasets carry extra columns.
+  are skipped silently (they carry no row). Other keys are kept as the row's `metadata` (a JSON
+  object in the output), so outputs join back to their sources; a Parquet input's other columns
+  pass through as typed columns (`Rows.extra_fields`), except those named like an output column,
+  which go into `metadata`.
+- Decoding fields (`OVERRIDE_FIELDS`) are per-row settings, never metadata. A sampling field the
+  engine cannot honour (`UNSUPPORTED`, e.g. `logit_bias`, `logprobs`, `response_format`) rejects
+  the row with a reason unless its value is the neutral one (e.g. `presence_penalty: 0`): no field
+  that changes sampling is ignored silently.
 - A JSON `null` means "absent" (for the id and every override), because Parquet columns are null
   for rows that do not set them and both formats must behave the same.
 - OpenAI batch lines are recognised per line by a `custom_id` key: the id is `custom_id`,
   `body.messages`/`body.prompt` the prompt, `body.max_tokens` (or `max_completion_tokens`),
-  `body.temperature` and `body.seed` the overrides; other body fields are ignored.
-- Ids may be strings or integers (Parquet/HF datasets often use int ids); both become strings.
+  `temperature`, `seed`, `n`, `stop`, `top_p` (and the common extensions `top_k`, `min_p`) the
+  overrides; `body.metadata` and top-level keys other than custom_id/method/url/body are
+  metadata; `model`, `user`, `store` are accepted and not used. Any other body field is refused
+  with a reason (known but unsupported, or unknown).
+- Ids may be strings or integers (Parquet/HF datasets often use int ids); both become strings. An
+  id holding a NUL character is rejected (output keys use NUL to join an id and a sample index).
 - A row without an id gets `h-<24 hex>` = blake2b-96 of the canonical JSON of its prompt/messages
   and overrides; the k-th repeat (k >= 1) of identical content gets `h-<hex>-<k>`. Identical
   content is interchangeable, so numbering repeats in file order is stable on every rerun, and
@@ -41,12 +52,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import ConfigError, DecodeParams
-from .schema import InputError, PromptRow, RejectedRow, SourceFormat
+from .schema import InputError, PromptRow, RejectedRow, SourceFormat, passthrough_fields
 
 __all__ = ["read_rows", "Rows", "row_excerpt", "PromptRow", "RejectedRow", "InputError", "OVERRIDE_FIELDS",
            "MAX_LINE_BYTES"]
 
-OVERRIDE_FIELDS = ("gamma", "max_new_tokens", "temperature", "mode", "seed")
+OVERRIDE_FIELDS = ("gamma", "max_new_tokens", "temperature", "mode", "seed", "top_k", "top_p", "min_p", "stop", "n")
+# Sampling fields of the OpenAI API (and of common servers) that the engine cannot honour: a row
+# that sets one to anything but its neutral value is rejected, never decoded as if it were absent.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "logit_bias": ({},), "logprobs": (False, 0), "top_logprobs": (0,), "presence_penalty": (0,),
+    "frequency_penalty": (0,), "repetition_penalty": (1,), "echo": (False,), "best_of": (1,),
+    "stream": (False,), "stream_options": (), "response_format": ({"type": "text"},), "tools": ([],),
+    "tool_choice": ("none",), "functions": ([],), "function_call": ("none",), "parallel_tool_calls": (),
+    "suffix": ("",), "audio": (), "modalities": (["text"],), "prediction": (), "reasoning_effort": (),
+    "web_search_options": (), "min_tokens": (0,), "ignore_eos": (False,), "stop_token_ids": ([],),
+    "logits_processors": ([],), "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+    "length_penalty": (1,), "use_beam_search": (False,), "typical_p": (1,),
+}
+UNSUPPORTED = tuple(_NEUTRAL)
+# OpenAI body fields that are accepted and not used (the run's own model and storage settings apply).
+_OPENAI_IGNORED = ("model", "user", "store", "service_tier")
+_OPENAI_URLS = ("/v1/chat/completions", "/v1/completions")
 MAX_LINE_BYTES = 16 << 20  # a longer line is rejected without being held in memory
 EXCERPT_CHARS = 200
 PARQUET_BATCH_ROWS = 1024
@@ -77,6 +104,8 @@ class Rows:
         self._exhausted: bool | None = None
         self.error: InputError | None = None
         self.name = name
+        # a Parquet input's pass-through columns (typed output columns); none for JSONL
+        self.extra_fields: list[pa.Field] = list(getattr(records, "extra_fields", []))
         self._it = self._rows(records, more, prompt_field, id_field, limit)
 
     @property
@@ -93,6 +122,7 @@ class Rows:
 
     def _rows(self, records: Iterator[_Record], more: _More, prompt_field: str, id_field: str,
               limit: int | None) -> Iterator[PromptRow | RejectedRow]:
+        typed = frozenset(f.name for f in self.extra_fields)
         seen: set[str] = set()
         repeats: dict[str, int] = {}  # content hash -> occurrences so far (rows without an id only)
         n = 0
@@ -101,7 +131,7 @@ class Rows:
             return
         try:
             for line_no, raw, obj, fmt in records:
-                yield _validate(line_no, raw, obj, fmt, prompt_field, id_field, seen, repeats)
+                yield _validate(line_no, raw, obj, fmt, prompt_field, id_field, seen, repeats, typed)
                 n += 1
                 if limit is not None and n >= limit:
                     # Before reading another row: with stdin, unread input stays unread.
@@ -285,8 +315,25 @@ def _parquet_records(f: IO[bytes], name: str, prompt_field: str, id_field: str) 
             f"{name} has no {prompt_field!r} or 'messages' column (columns: {', '.join(cols)}); "
             "map one with --prompt-field"
         )
-    wanted = [c for c in (prompt_field, "messages", id_field, *OVERRIDE_FIELDS) if c in cols]
-    return _parquet_rows(pf, f, name, list(dict.fromkeys(wanted)))
+    consumed = (prompt_field, "messages", id_field, *OVERRIDE_FIELDS, *UNSUPPORTED)
+    return _ParquetRecords(_parquet_rows(pf, f, name, cols), passthrough_fields(pf.schema_arrow, consumed))
+
+
+class _ParquetRecords:
+    """A Parquet source's records, and its pass-through columns (`extra_fields`)."""
+
+    def __init__(self, records: Iterator[_Record], extra_fields: list[pa.Field]):
+        self._records = records
+        self.extra_fields = extra_fields
+
+    def __iter__(self) -> _ParquetRecords:
+        return self
+
+    def __next__(self) -> _Record:
+        return next(self._records)
+
+    def close(self) -> None:
+        self._records.close()
 
 
 def _parquet_rows(pf: pq.ParquetFile, f: IO[bytes], name: str, columns: list[str]) -> Iterator[_Record]:
@@ -341,12 +388,13 @@ def _validate(
     id_field: str,
     seen: set[str],
     repeats: dict[str, int],
+    typed: frozenset[str] = frozenset(),
 ) -> PromptRow | RejectedRow:
     if isinstance(obj, _Reject):
         return RejectedRow(line_no, None, obj.reason, _excerpt(raw))
     try:
-        row_id, prompt, messages, overrides = (
-            _openai_row(obj) if fmt == "openai" else _plain_row(obj, prompt_field, id_field)
+        row_id, prompt, messages, overrides, metadata, columns = (
+            _openai_row(obj) if fmt == "openai" else _plain_row(obj, prompt_field, id_field, typed)
         )
     except _Reject as r:
         return RejectedRow(line_no, r.row_id, r.reason, _excerpt(raw))
@@ -358,20 +406,25 @@ def _validate(
     if row_id in seen:
         return RejectedRow(line_no, row_id, "duplicate id", _excerpt(raw))
     seen.add(row_id)
-    return PromptRow(row_id, line_no, prompt, messages, overrides, fmt)
+    return PromptRow(row_id, line_no, prompt, messages, overrides, fmt, metadata=metadata, columns=columns)
 
 
-_Parsed = tuple["str | None", "str | None", "list[dict[str, str]] | None", "dict[str, Any]"]
+_Parsed = tuple["str | None", "str | None", "list[dict[str, str]] | None", "dict[str, Any]",
+                "dict[str, Any] | None", "dict[str, Any] | None"]
 
 
-def _plain_row(obj: dict[str, Any], prompt_field: str, id_field: str) -> _Parsed:
+def _plain_row(obj: dict[str, Any], prompt_field: str, id_field: str, typed: frozenset[str] = frozenset()) -> _Parsed:
     row_id = _check_id(obj.get(id_field), id_field)
     try:
         prompt, messages = _check_prompt(obj.get(prompt_field), obj.get("messages"), prompt_field)
         overrides = _check_overrides({k: obj.get(k) for k in OVERRIDE_FIELDS})
+        _check_unsupported(obj, "")
     except _Reject as r:
         raise _Reject(r.reason, row_id) from None
-    return row_id, prompt, messages, overrides
+    used = {prompt_field, "messages", id_field, *OVERRIDE_FIELDS, *UNSUPPORTED}
+    columns = {k: v for k, v in obj.items() if k in typed} if typed else None
+    metadata = {k: v for k, v in obj.items() if k not in used and k not in typed} or None
+    return row_id, prompt, messages, overrides, metadata, columns
 
 
 def _openai_row(obj: dict[str, Any]) -> _Parsed:
@@ -380,16 +433,54 @@ def _openai_row(obj: dict[str, Any]) -> _Parsed:
         raise _Reject("OpenAI batch line: 'custom_id' is null")
     body = obj.get("body")
     try:
+        url = obj.get("url")
+        if url is not None and url not in _OPENAI_URLS:
+            raise _Reject(f"OpenAI batch line: url {_short(url)} is not supported (only {', '.join(_OPENAI_URLS)})")
         if not isinstance(body, dict):
             raise _Reject("OpenAI batch line: 'body' must be an object")
         prompt, messages = _check_prompt(body.get("prompt"), body.get("messages"), "body.prompt")
+        _check_unsupported(body, "body.")
+        known = {"prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "seed", "n", "stop",
+                 "top_p", "top_k", "min_p", "metadata", *_OPENAI_IGNORED, *UNSUPPORTED}
+        unknown = sorted(k for k in body if k not in known)
+        if unknown:
+            raise _Reject(f"OpenAI batch line: unknown request field(s) {', '.join('body.' + k for k in unknown)} "
+                          "(not decoded as if absent)")
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        overrides = _check_overrides(
-            {"max_new_tokens": max_tokens, "temperature": body.get("temperature"), "seed": body.get("seed")}
-        )
+        overrides = _check_overrides({"max_new_tokens": max_tokens, **{k: body.get(k) for k in (
+            "temperature", "seed", "n", "stop", "top_p", "top_k", "min_p")}})
+        meta = body.get("metadata")
+        if meta is not None and not isinstance(meta, dict):
+            raise _Reject("OpenAI batch line: 'body.metadata' must be an object")
     except _Reject as r:
         raise _Reject(r.reason, row_id) from None
-    return row_id, prompt, messages, overrides
+    extra = {k: v for k, v in obj.items() if k not in ("custom_id", "method", "url", "body")}
+    metadata = {**(meta or {}), **extra} or None
+    return row_id, prompt, messages, overrides, metadata, None
+
+
+def _check_unsupported(obj: dict[str, Any], prefix: str) -> None:
+    """Reject a row that sets a sampling field the engine cannot honour to a non-neutral value."""
+    for k, neutral in _NEUTRAL.items():
+        v = obj.get(k)
+        if v is not None and not any(_same(v, n) for n in neutral):
+            raise _Reject(f"{prefix}{k} = {_short(v)} is not supported: the engine cannot honour it "
+                          "(remove the field, or set it to its neutral value)")
+
+
+def _same(v: Any, n: Any) -> bool:
+    """v equals the neutral value n, booleans never standing in for numbers (True == 1 in Python)."""
+    if isinstance(v, bool) or isinstance(n, bool):
+        return v is n
+    return v == n
+
+
+def _short(v: Any) -> str:
+    try:
+        r = orjson.dumps(v, default=str).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
 
 
 def _check_id(v: Any, name: str) -> str | None:
@@ -400,6 +491,8 @@ def _check_id(v: Any, name: str) -> str | None:
     s = str(v)
     if not s.strip():
         raise _Reject(f"{name!r} is empty")
+    if "\x00" in s:
+        raise _Reject(f"{name!r} holds a NUL character")
     return s
 
 
@@ -433,12 +526,16 @@ def _check_overrides(given: dict[str, Any]) -> dict[str, Any]:
     if not ov:
         return ov
     try:
-        DecodeParams(**ov)
-    except ConfigError as e:
+        # n > 1 needs a temperature, which a row without one takes from the run (the batcher
+        # checks the combination): validate each field here, not the row's missing ones
+        p = DecodeParams(**({"temperature": 1.0} if "temperature" not in ov else {}), **ov)
+    except (ConfigError, TypeError) as e:
         raise _Reject(f"invalid override: {e}") from None
-    for k in ("gamma", "temperature"):
+    for k in ("gamma", "temperature", "top_p", "min_p"):
         if k in ov:
             ov[k] = float(ov[k])  # 1 and 1.0 must give the same derived id and output type
+    if "stop" in ov:
+        ov["stop"] = list(p.stop)  # a string or a list: one normal form
     return ov
 
 
