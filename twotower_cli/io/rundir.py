@@ -1,9 +1,10 @@
-"""One output directory = one run: its file names, lock, fingerprint, done ids, crash recovery.
+"""One output directory = one run: its file names, lock, fingerprint, done rows, crash recovery.
 
 This module is the one owner of the directory: every name in it is spelled here (`Layout`, one per
 partition task, and the patterns that recognise any layout's files), and the writer (io.writer)
 writes under the names it is given. Layout of `out/`:
     part-00000.parquet ...   committed shards: the only visible files, and the source of truth
+                             (`part-00000.jsonl` ... for the `jsonl` and `openai` formats, io.formats)
     .manifest.json           fingerprint, shard list, counts (replaced atomically)
     .errors.jsonl            rejected rows (see io.writer.ErrorLog)
     .lock                    flock'ed while a run writes; holds pid/host/start for the message
@@ -16,19 +17,30 @@ and `pyarrow.dataset(out)` skips only names starting with "." or "_"; a leading 
 both. duckdb and polars are pointed at `out/*.parquet` (polars refuses a bare directory that
 holds files with other extensions, hidden ones included).
 
+Rows are keyed by (id, sample_index): io.schema.sample_key, the id itself for sample 0. "Done"
+everywhere below (the done set, `is_done`, `committed_input`, the writer's refusal) means a key.
+
+Formats. A run writes one format (`format=`, recorded in the manifest as `shard_format`; the run
+fingerprint includes it too): Parquet shards, or JSON-lines shards (`jsonl` or `openai` lines,
+io.formats). Everything here (commit by rename, recovery, verification, --overwrite, the layouts)
+is the same for both; only the shard's extension and how a shard is read differ.
+
 Crash safety. The rename of a shard is its commit; the done set is rebuilt from the committed
-shards' `id` column (column projection, so it is fast), never from a journal that could disagree
-with them. The manifest is written first at open (so a directory with shards always has one) and
-rewritten after each commit, but it only caches the shard list and counts: a crash between a
-rename and the manifest update leaves a committed shard that the next open adopts; a crash
-before the rename leaves a .tmp that the next open deletes, and those rows are simply not done.
+shards' `id` and `sample_index` columns, never from a journal that could disagree with them. The
+manifest is written first at open (so a directory with shards always has one) and rewritten after
+each commit, but it only caches the shard list and counts: a crash between a rename and the
+manifest update leaves a committed shard that the next open adopts; a crash before the rename
+leaves a .tmp that the next open deletes, and those rows are simply not done.
 So a crash at any instant loses no committed row and a resume writes no row twice (the writer
-refuses ids in the done set).
+refuses keys in the done set). A shard is adopted only if it reads whole (Parquet: every column of
+every row group, page checksums; JSON lines: every line decodes to a valid record, the last one
+ends with a newline) with the row count the manifest records for it; otherwise it is moved aside
+as `.NAME.corrupt` and its rows are redone.
 
 Partitioned runs (job arrays: `--num-shards N --shard-index I`, see io.partition). Each of the N
 tasks writes the same directory under names tagged `s<I>-of-<N>`, so it has its own of everything:
 
-    part-s0003-of-0008-00000.parquet   its shards (`part-*.parquet` globs all tasks' shards)
+    part-s0003-of-0008-00000.parquet   its shards (`part-*.parquet` globs all tasks' shards; or .jsonl)
     .manifest-s0003-of-0008.json       its manifest, .errors-s0003-of-0008.jsonl its rejects
     .lock-s0003-of-0008                flock'ed for its whole run (a second copy of task I is refused)
 
@@ -50,7 +62,7 @@ import re
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -63,9 +75,18 @@ import pyarrow.parquet as pq
 
 from ..errors import UserError
 from .durable import RunDirError, atomic_write_bytes, fsync_dir, writing
+from .formats import LINE_FORMATS, check_format, line_key, record_from_line, shard_ext
 from .partition import Partition
 from .reader import row_excerpt
-from .schema import META_FINGERPRINT, SCHEMA_VERSION, PromptRow, RejectedRow, output_schema
+from .schema import (
+    META_FINGERPRINT,
+    SCHEMA_VERSION,
+    PromptRow,
+    RejectedRow,
+    describe_fields,
+    output_schema,
+    sample_key,
+)
 from .writer import ErrorLog, ShardInfo, ShardWriter
 
 # ---- names ----------------------------------------------------------------------------------------
@@ -77,8 +98,9 @@ TMP_SUFFIX = ".tmp"
 CORRUPT_SUFFIX = ".corrupt"
 MANIFEST_FORMAT = "twotower-run"
 _TAG = r"s\d{4,}-of-\d{4,}"
-# Every file of any layout: `tag` is None for the unpartitioned one.
-ANY_SHARD_RE = re.compile(rf"^part-(?:(?P<tag>{_TAG})-)?(?P<index>\d{{5,}})\.parquet$")
+SHARD_EXTS = ("parquet", "jsonl")  # io.formats.shard_ext of every format
+# Every file of any layout and format: `tag` is None for the unpartitioned one.
+ANY_SHARD_RE = re.compile(rf"^part-(?:(?P<tag>{_TAG})-)?(?P<index>\d{{5,}})\.(?P<ext>parquet|jsonl)$")
 MANIFEST_RE = re.compile(rf"^\.manifest(?:-(?P<tag>{_TAG}))?\.json$")
 ERRORS_RE = re.compile(rf"^\.errors(?:-(?P<tag>{_TAG}))?\.jsonl$")
 LOCK_RE = re.compile(rf"^\.lock(?:-(?P<tag>{_TAG}))?$")
@@ -88,9 +110,11 @@ OPEN_WAIT_S = 60.0  # how long a partition task waits for another task's brief h
 @dataclass(frozen=True)
 class Layout:
     """The names of one layout's files: the unpartitioned run's (`tag` None) or those of one
-    partition task (`tag` = `s0003-of-0008`, see io.partition)."""
+    partition task (`tag` = `s0003-of-0008`, see io.partition). `ext`: its shards' extension
+    (io.formats.shard_ext)."""
 
     tag: str | None = None
+    ext: str = "parquet"
 
     @property
     def manifest(self) -> str:
@@ -105,13 +129,13 @@ class Layout:
         return LOCK if self.tag is None else f".lock-{self.tag}"
 
     def shard(self, index: int) -> str:
-        return f"part-{index:05d}.parquet" if self.tag is None else f"part-{self.tag}-{index:05d}.parquet"
+        return f"part-{index:05d}.{self.ext}" if self.tag is None else f"part-{self.tag}-{index:05d}.{self.ext}"
 
     @property
     def shard_re(self) -> re.Pattern[str]:
-        """This layout's shard names; group 1: the index."""
+        """This layout's shard names (of its extension); group 1: the index."""
         prefix = "" if self.tag is None else f"{re.escape(self.tag)}-"
-        return re.compile(rf"^part-{prefix}(\d{{5,}})\.parquet$")
+        return re.compile(rf"^part-{prefix}(\d{{5,}})\.{re.escape(self.ext)}$")
 
     @staticmethod
     def tmp(name: str) -> str:
@@ -281,10 +305,16 @@ class RunDir:
     """Opens `out_dir` for writing one run: lock, fingerprint check, recovery, done ids.
 
     `fingerprint` is what must not change across a resume (model name + checkpoint fingerprint +
-    run-level decoding parameters). A different one raises FingerprintMismatch, unless
-    `overwrite=True`, which deletes this directory's outputs (shards, errors, manifest state; never
-    foreign files) and starts afresh. `notes` lists what recovery did, for the CLI to print.
-    Use as a context manager, or call `close()`; `close(complete=True)` marks the run finished.
+    run-level decoding parameters; the caller includes the format and the pass-through columns).
+    A different one raises FingerprintMismatch, unless `overwrite=True`, which deletes this
+    directory's outputs (shards, errors, manifest state; never foreign files) and starts afresh.
+    `notes` lists what recovery did, for the CLI to print. Use as a context manager, or call
+    `close()`; `close(complete=True)` marks the run finished.
+
+    `format`: "parquet", "jsonl" or "openai" (io.formats); a directory holds one format (a manifest
+    of another is refused like another fingerprint). `extra_fields`: the pass-through columns
+    (io.schema.passthrough_fields of a Parquet input), after the fixed columns of every shard;
+    records are checked against them and a resume verifies shards against the same schema.
     """
 
     def __init__(
@@ -296,12 +326,16 @@ class RunDir:
         rows_per_shard: int = 10_000,
         row_group_rows: int = 1_000,
         partition: Partition | None = None,
+        format: str = "parquet",  # noqa: A002 - the option's name
+        extra_fields: Sequence[pa.Field] = (),
     ):
         self.out_dir = Path(out_dir)
+        self.format = check_format(format)
+        self.extra_fields = list(extra_fields)
         # A partition of one is the whole input: the unpartitioned layout.
         self.partition = partition if partition is not None and partition.count > 1 else None
         self.tag = self.partition.tag if self.partition else None
-        self.layout = Layout(self.tag)
+        self.layout = Layout(self.tag, shard_ext(self.format))
         if self.partition:
             fingerprint = {**fingerprint, "num_shards": self.partition.count}
         self.fingerprint = normalize_fingerprint(fingerprint)
@@ -336,6 +370,8 @@ class RunDir:
                 start_index=self._next_index,
                 done=self.done_ids,
                 on_commit=self._on_commit,
+                fmt=self.format,
+                extra=self.extra_fields,
             )
         except BaseException:
             self._lock.release()
@@ -346,9 +382,10 @@ class RunDir:
         self._closed = False
 
     # ---- public ---------------------------------------------------------------------------------
-    def is_done(self, row_id: str) -> bool:
-        """Committed in a shard, or already written to the open shard by this process."""
-        return row_id in self.done_ids or self.writer.is_pending(row_id)
+    def is_done(self, key: str) -> bool:
+        """Committed in a shard, or already written to the open shard by this process. `key`:
+        io.schema.sample_key(id, sample_index) (the id itself for sample 0)."""
+        return key in self.done_ids or self.writer.is_pending(key)
 
     def add(self, record: dict[str, Any]) -> bool:
         """Write a finished row (committed with its shard). True: written (a stream's sink may say
@@ -372,10 +409,10 @@ class RunDir:
         self.writer.flush()
         self.errors.sync()
 
-    def committed_input(self, row_id: str) -> int | None:
-        """For an id committed by an earlier run: its row's input hash (0: not recorded); None
-        for any other id (see DoneSet.lookup)."""
-        return self.done_ids.lookup(row_id)
+    def committed_input(self, key: str) -> int | None:
+        """For a row key (io.schema.sample_key) committed by an earlier run: its row's input hash
+        (0: not recorded); None for any other key (see DoneSet.lookup)."""
+        return self.done_ids.lookup(key)
 
     def was_rejected(self, row: PromptRow) -> bool:
         """An earlier run of this directory (same fingerprint) rejected this very row."""
@@ -444,8 +481,8 @@ class RunDir:
         # Hidden entries that are not ours (.DS_Store, .nfs*) are invisible to loaders: ignore them.
         foreign = [e for e in entries if scope[e] is _NOT_OURS and not e.startswith(".")]
         any_manifest = manifest is not None or any(Layout(sc).manifest in names for sc, names in others.items())
-        if any_manifest and any(e.endswith(".parquet") for e in foreign):
-            self.notes.append("other *.parquet files in the directory will be picked up by dataset loaders")
+        if any_manifest and any(e.endswith(f".{self.layout.ext}") for e in foreign):
+            self.notes.append(f"other *.{self.layout.ext} files in the directory will be picked up by dataset loaders")
         if manifest is None:
             if foreign and not any_manifest:
                 raise RunDirError(
@@ -498,6 +535,7 @@ class RunDir:
             self.notes.append(f"removed {len(removed)} uncommitted temporary file(s) left by a crash")
         if manifest is None:
             manifest = {"format": MANIFEST_FORMAT, "schema_version": SCHEMA_VERSION,
+                        "shard_format": self.format, "extra_fields": describe_fields(self.extra_fields),
                         "fingerprint": self.fingerprint, "created_at": _now(), "shards": []}
             if self.partition:
                 manifest["partition"] = {"index": self.partition.index, "count": self.partition.count}
@@ -507,7 +545,7 @@ class RunDir:
         self._save()
 
     def _incompatible(self, m: dict[str, Any]) -> bool:
-        return m.get("schema_version") != SCHEMA_VERSION or bool(
+        return m.get("schema_version") != SCHEMA_VERSION or _shard_format(m) != self.format or bool(
             fingerprint_diff(m.get("fingerprint") or {}, self.fingerprint))
 
     def _check_compatible(self, m: dict[str, Any]) -> None:
@@ -528,6 +566,11 @@ class RunDir:
             )
         if diffs:
             raise FingerprintMismatch(self.out_dir, diffs)
+        if _shard_format(m) != self.format:  # the fingerprint says so too, when the caller put it there
+            raise RunDirError(
+                f"{self.out_dir} holds {_shard_format(m)} shards; this run writes {self.format}: use the same "
+                "format to resume, another output directory, or --overwrite to discard it"
+            )
 
     def _load_manifest(self, tag: str | None = None) -> tuple[dict[str, Any] | None, str | None]:
         p = self.out_dir / Layout(tag).manifest
@@ -576,12 +619,15 @@ class RunDir:
         indices = [int(m.group(1)) for n in (*present, *listed) if (m := rx.match(n))]
         self._next_index = max(indices, default=-1) + 1
         shards = []
-        expected = output_schema().remove_metadata()
+        expected = output_schema(extra=self.extra_fields).remove_metadata()
         for name in present:
             path = self.out_dir / name
             recorded = listed.get(name, {}).get("rows")
             try:
-                groups, rows = _verify_shard(path, expected)
+                if self.format in LINE_FORMATS:
+                    groups, rows = _verify_lines(path, self.format, self.extra_fields)
+                else:
+                    groups, rows = _verify_shard(path, expected)
                 if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded != rows:
                     raise ValueError(f"it has {rows} rows, {self.manifest_path.name} records {recorded}")
             except (pa.ArrowException, OSError, KeyError, ValueError) as e:
@@ -592,8 +638,8 @@ class RunDir:
                 why = " ".join(str(e).split())[:200]
                 self.notes.append(f"{name} does not read whole ({why}); moved to {aside.name}, its rows will be redone")
                 continue
-            for rg, (hashes, inputs) in enumerate(groups):
-                self.done_ids.add_group((path, rg), hashes, inputs)
+            for group, hashes, inputs in groups:
+                self.done_ids.add_group(group, hashes, inputs)
             if name not in listed:
                 self.notes.append(f"adopted {name}, committed just before an interruption")
             shards.append({"name": name, "rows": rows, "bytes": path.stat().st_size})
@@ -602,7 +648,7 @@ class RunDir:
         for name in sorted(set(listed) - set(present)):
             self.notes.append(f"{name} is listed in {self.manifest_path.name} but missing; its rows will be redone")
         if dupes:
-            self.notes.append(f"{dupes} id(s) appear in more than one shard (files were copied in by hand?)")
+            self.notes.append(f"{dupes} row(s) appear in more than one shard (files were copied in by hand?)")
         self._manifest["shards"] = shards
 
     # ---- commits ----------------------------------------------------------------------------------
@@ -620,12 +666,18 @@ class RunDir:
                            self.manifest_path.with_name(Layout.tmp(self.manifest_path.name)))
 
 
-def _verify_shard(path: Path, expected: pa.Schema) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
-    """Read a committed shard whole (every column of every row group, page checksums verified),
-    check its schema and row counts against its footer, and return per row group the 64-bit hashes
-    of its ids and its rows' input hashes (0: none recorded), and its row count. Raises on any
-    damage. Memory: one row group at a time."""
-    groups, rows = [], 0
+Groups = list[tuple[Any, np.ndarray, np.ndarray]]  # (DoneSet group key, key hashes, input hashes)
+LINE_GROUP_ROWS = 1_000  # lines of a JSON-lines shard per DoneSet group (what a lazy confirmation reads)
+
+
+def _verify_shard(path: Path, expected: pa.Schema) -> tuple[Groups, int]:
+    """Read a committed Parquet shard whole (every column of every row group, page checksums
+    verified), check its schema and row counts against its footer, and return per row group its
+    DoneSet group key `(path, row group)`, the 64-bit hashes of its rows' keys (from the `id` and
+    `sample_index` columns) and its rows' input hashes (0: none recorded), and its row count.
+    Raises on any damage. Memory: one row group at a time."""
+    groups: Groups = []
+    rows = 0
     # pre_buffer off, one thread: a resume's peak memory must not grow with the shards it reads
     with pq.ParquetFile(path, page_checksum_verification=True, pre_buffer=False) as pf:
         if not pf.schema_arrow.remove_metadata().equals(expected):
@@ -635,15 +687,69 @@ def _verify_shard(path: Path, expected: pa.Schema) -> tuple[list[tuple[np.ndarra
             t = pf.read_row_group(rg, use_threads=False)
             if t.num_rows != md.row_group(rg).num_rows:
                 raise ValueError(f"row group {rg} has {t.num_rows} rows, its footer says {md.row_group(rg).num_rows}")
-            ids = t.column("id")
-            if ids.null_count:
-                raise ValueError("null ids")
+            ids, samples = t.column("id"), t.column("sample_index")
+            if ids.null_count or samples.null_count:
+                raise ValueError("null ids or sample indices")
             inputs = _input_hashes(t.column("input_hash").combine_chunks())
-            groups.append((_string_hashes(ids.combine_chunks()), inputs))
+            keys = _key_hashes(ids.combine_chunks(), samples.combine_chunks())
+            groups.append(((path, rg), keys, inputs))
             rows += t.num_rows
         if rows != md.num_rows:
             raise ValueError(f"{rows} rows read, its footer says {md.num_rows}")
     return groups, rows
+
+
+def _verify_lines(path: Path, fmt: str, extra: Sequence[pa.Field]) -> tuple[Groups, int]:
+    """The same for a JSON-lines shard of format `fmt`: every line must decode to a valid record
+    (io.formats.record_from_line, with the pass-through columns `extra`) and end with a newline (a
+    cut-off last line is damage). Groups of LINE_GROUP_ROWS lines, keyed `(path, offset, bytes,
+    fmt)`. Memory: one group at a time."""
+    groups: Groups = []
+    rows = 0
+    keys: list[str] = []
+    inputs: list[str | None] = []
+    start = pos = 0
+
+    def close_group() -> None:
+        nonlocal start
+        if keys:
+            inp = _input_hashes(pa.array(inputs, pa.string()))
+            groups.append(((path, start, pos - start, fmt), id_hashes(keys), inp))
+            keys.clear()
+            inputs.clear()
+        start = pos
+
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
+                raise ValueError(f"line {n} is cut off (no newline at the end of the file)")
+            try:
+                rec = record_from_line(line, fmt, extra)
+            except ValueError as e:
+                raise ValueError(f"line {n}: {e}") from None
+            keys.append(sample_key(rec["id"], rec["sample_index"]))
+            inputs.append(rec["input_hash"])
+            pos += len(line)
+            rows += 1
+            if len(keys) >= LINE_GROUP_ROWS:
+                close_group()
+    close_group()
+    return groups, rows
+
+
+def _key_hashes(ids: pa.Array, samples: pa.Array) -> np.ndarray:
+    """id_hash(sample_key(id, k)) of each row, from its `id` and `sample_index` values (no nulls)."""
+    ks = samples.to_numpy(zero_copy_only=False)
+    if not ks.any():
+        return _string_hashes(ids)  # no samples: the key is the id
+    offsets, data = _string_buffers(ids)
+    b2 = hashlib.blake2b
+    out = b"".join(
+        b2(data[offsets[i]:offsets[i + 1]] if not k else b"%s\x00%d" % (data[offsets[i]:offsets[i + 1]], k),
+           digest_size=8, person=_ID_PERSON).digest()
+        for i, k in enumerate(ks.tolist())
+    )
+    return np.frombuffer(out, dtype="<u8").astype(np.uint64)
 
 
 def _string_buffers(arr: pa.Array) -> tuple[np.ndarray, memoryview]:
@@ -704,7 +810,9 @@ def id_hashes(ids: Iterable[str]) -> np.ndarray:
 
 
 class DoneSet:
-    """The ids already done, compact: ~20 bytes per committed row instead of a Python str in a set.
+    """The row keys already done, compact: ~20 bytes per committed row instead of a Python str in
+    a set. A key is io.schema.sample_key(id, sample_index): the id itself for sample 0, so "id"
+    below reads "key" for a run with samples.
 
     Committed ids (those of the shards found at open) are kept as sorted 64-bit blake2b hashes, with
     per entry the row group it came from (uint32) and its row's input hash (uint64). A lookup is a
@@ -714,8 +822,9 @@ class DoneSet:
     not (nor the other way round: every committed id's hash is present). Ids committed by this
     process (`update`) go to a plain set: they are this run's work, not the backlog.
 
-    `load_group(key)` returns the ids of a row group added with `add_group(key, ...)` (by default
-    key = (shard path, row group index), read from the shard).
+    `load_group(key)` returns the row keys of a group added with `add_group(key, ...)` (by default
+    key = (shard path, row group index) of a Parquet shard, or (shard path, byte offset, bytes,
+    format) of a JSON-lines one, read from the shard: `read_group_keys`).
     """
 
     def __init__(self, load_group: Callable[[Any], list[str]] | None = None, cache_groups: int = 8):
@@ -724,7 +833,7 @@ class DoneSet:
         self._inp = np.empty(0, dtype=np.uint64)
         self._keys: list[Any] = []
         self._pending: list[tuple[np.ndarray, np.ndarray, int]] = []
-        self._load_group = load_group or _read_group_ids
+        self._load_group = load_group or read_group_keys
         self._cache: OrderedDict[int, frozenset[str]] = OrderedDict()
         self._cache_groups = cache_groups
         self._new: set[str] = set()
@@ -806,10 +915,25 @@ class DoneSet:
         return self._h.nbytes + self._loc.nbytes + self._inp.nbytes
 
 
-def _read_group_ids(key: tuple[Path, int]) -> list[str]:
-    path, rg = key
-    with pq.ParquetFile(path, pre_buffer=False) as pf:
-        return pf.read_row_group(rg, columns=["id"], use_threads=False).column("id").to_pylist()
+def read_group_keys(key: tuple[Any, ...]) -> list[str]:
+    """The row keys of one DoneSet group of a shard: `(path, row group)` of a Parquet shard, or
+    `(path, offset, bytes, format)` of a JSON-lines one (as _verify_shard/_verify_lines made them)."""
+    if len(key) == 2:
+        path, rg = key
+        with pq.ParquetFile(path, pre_buffer=False) as pf:
+            t = pf.read_row_group(rg, columns=["id", "sample_index"], use_threads=False)
+        return [sample_key(i, k) for i, k in zip(t.column("id").to_pylist(), t.column("sample_index").to_pylist(),
+                                                 strict=True)]
+    path, offset, nbytes, fmt = key
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(nbytes)
+    return [line_key(line, fmt) for line in data.splitlines()]
+
+
+def _shard_format(m: dict[str, Any]) -> str:
+    """The format a manifest records (parquet when it records none)."""
+    return m.get("shard_format") or "parquet"
 
 
 def _refuse_foreign(out_dir: Path) -> None:

@@ -1,18 +1,21 @@
-"""Durable output: Parquet shards committed by rename, and the errors sidecar.
+"""Durable output: shards committed by rename (Parquet, or JSON lines), and the errors sidecar.
 
 A shard is written under a temporary name (`.part-NNNNN.parquet.tmp`: a leading dot, and not
 ending in .parquet, so no loader ever sees it), closed, fsynced, renamed to its final name
 (`part-NNNNN.parquet`) and the directory fsynced. The rename is the commit point: a committed
-shard is a complete Parquet file that survives power loss, and anything not yet renamed is
-disposable (its rows are not done and will be regenerated).
+shard is a complete file that survives power loss, and anything not yet renamed is disposable
+(its rows are not done and will be regenerated). A `jsonl` or `openai` shard (io.formats) is the
+same: `.part-NNNNN.jsonl.tmp`, fsynced, renamed to `part-NNNNN.jsonl`.
 
 The writer owns no names: it is given them (`ShardNames`, in practice io.rundir's `Layout` of the
 run or of one partition task), so the directory's naming lives in one place.
 
 A write that fails for a reason the user can fix (disk full, file-size limit, read-only or
 unwritable directory) raises io.durable.RunDirError naming the file (one line, exit 2); the open
-shard is dropped, the committed ones are kept. Shards carry Parquet page checksums, so that a
+shard is dropped, the committed ones are kept. Parquet shards carry page checksums, so that a
 resume can verify every page of a shard it adopts (io.rundir).
+
+Rows are keyed by (id, sample_index), spelled io.schema.sample_key (the id itself for sample 0).
 
 Neither class is thread-safe or reentrant. In particular do not call `flush()` from inside a
 signal handler that may interrupt `add()`: set a flag there and flush from the main loop.
@@ -20,9 +23,10 @@ signal handler that may interrupt `add()`: set a flag there and flush from the m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,7 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .durable import fsync_dir, fsync_path, writing
-from .schema import RejectedRow, check_record, output_schema
+from .formats import LINE_FORMATS, check_format, encode_line
+from .schema import RejectedRow, check_record, output_schema, sample_key
 
 
 class ShardNames(Protocol):
@@ -45,25 +50,86 @@ class ShardNames(Protocol):
         """The name a file is written under until it is renamed to `name`."""
 
 
+class KeySet(Container[str], Protocol):
+    """The committed row keys a writer refuses and adds to (a set, or io.rundir.DoneSet)."""
+
+    def update(self, keys: Sequence[str]) -> None: ...
+
+
 @dataclass(frozen=True)
 class ShardInfo:
-    """A committed shard, as passed to the `on_commit` callback."""
+    """A committed shard, as passed to the `on_commit` callback. `keys`: its rows' keys
+    (io.schema.sample_key: the id for sample 0), in the order written."""
 
     name: str
     index: int
     rows: int
     bytes: int
-    ids: list[str]
+    keys: list[str]
+
+    @property
+    def ids(self) -> list[str]:
+        """The row keys (the ids, for a run without samples); an alias of `keys`."""
+        return self.keys
+
+
+def describe_key(key: str) -> str:
+    """A row key for a message: `id 'x'`, or `id 'x' sample 2`."""
+    row_id, _, k = key.partition("\x00")
+    return f"id {row_id!r}" + (f" sample {k}" if k else "")
+
+
+class _ParquetShard:
+    """An open Parquet shard file: zstd, one row group per write, page checksums."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path, self.schema = path, schema
+        self._w = pq.ParquetWriter(path, schema, compression="zstd", write_page_checksum=True)
+
+    def write(self, rows: list[Any]) -> None:
+        self._w.write_table(pa.Table.from_pylist(rows, schema=self.schema), row_group_size=len(rows))
+
+    def commit(self) -> None:
+        self._w.close()
+        fsync_path(self.path)
+
+    def discard(self) -> None:
+        with contextlib.suppress(Exception):  # already failing; the file is removed by the caller
+            self._w.close()
+
+
+class _LinesShard:
+    """An open JSON-lines shard file (its rows arrive already encoded, one line each)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "wb")  # noqa: SIM115 - owned until commit/discard
+
+    def write(self, rows: list[Any]) -> None:
+        self._f.write(b"".join(rows))
+
+    def commit(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def discard(self) -> None:
+        with contextlib.suppress(Exception):
+            self._f.close()
 
 
 class ShardWriter:
-    """Streams validated records into size-bounded Parquet shards (zstd, several row groups).
+    """Streams validated records into size-bounded shards: Parquet (zstd, several row groups), or
+    JSON lines of format `fmt` ("jsonl" or "openai", io.formats).
 
     Shard `i` is committed as `names.shard(i)`, written as `names.tmp(names.shard(i))` until then.
-    Memory is one row group of records plus the ids of the open shard. `done` (optional) is a set
-    of ids already committed: adding one of them, or an id already in the open shard, raises
-    ValueError, so a pipeline bug can never write a row twice. Committed ids are added to it.
-    `on_commit(ShardInfo)` runs after each shard is durably renamed (RunDir records it there).
+    Memory is one row group of records plus the keys of the open shard. Records are checked with
+    io.schema.check_record against the pass-through columns `extra` (the Parquet schema is
+    `output_schema(schema_meta, extra)`), and for a line format encoded, at `add()`, so a bad record
+    is refused alone. `done` (optional) is the set of row keys already committed: adding one of
+    them, or a key already in the open shard, raises ValueError, so a pipeline bug can never write
+    a row twice. Committed keys are added to it. `on_commit(ShardInfo)` runs after each shard is
+    durably renamed (RunDir records it there).
     """
 
     def __init__(
@@ -75,24 +141,28 @@ class ShardWriter:
         *,
         names: ShardNames,
         start_index: int = 0,
-        done: set[str] | None = None,
+        done: KeySet | None = None,
         on_commit: Callable[[ShardInfo], None] | None = None,
+        fmt: str = "parquet",
+        extra: Sequence[pa.Field] = (),
     ):
         if rows_per_shard < 1 or row_group_rows < 1:
             raise ValueError("rows_per_shard and row_group_rows must be positive")
         self.out_dir = Path(out_dir)
-        self.schema = output_schema(schema_meta)
+        self.fmt = check_format(fmt)
+        self.extra = list(extra)
+        self.schema = output_schema(schema_meta, self.extra)
         self.rows_per_shard = rows_per_shard
         self.row_group_rows = min(row_group_rows, rows_per_shard)
         self.next_index = start_index
         self.names = names
-        self.done = done if done is not None else set()
+        self.done: KeySet = done if done is not None else set()
         self.on_commit = on_commit
         self.committed: list[ShardInfo] = []
-        self._pq: pq.ParquetWriter | None = None
+        self._file: _ParquetShard | _LinesShard | None = None
         self._tmp: Path | None = None
-        self._buffer: list[dict[str, Any]] = []
-        self._shard_ids: list[str] = []
+        self._buffer: list[Any] = []  # records (Parquet) or encoded lines
+        self._shard_keys: list[str] = []
         self._pending: set[str] = set()
         self._broken = False
         self._closed = False
@@ -102,21 +172,23 @@ class ShardWriter:
         """Validate and buffer one record; commits the shard when it reaches rows_per_shard."""
         if self._closed or self._broken:
             raise RuntimeError("ShardWriter is closed" if self._closed else "ShardWriter failed earlier")
-        rec = check_record(record)
-        rid = rec["id"]
-        if rid in self.done or rid in self._pending:
-            raise ValueError(f"id {rid!r} was already written")
-        self._buffer.append(rec)
-        self._shard_ids.append(rid)
-        self._pending.add(rid)
+        rec = check_record(record, self.extra)
+        key = sample_key(rec["id"], rec["sample_index"])
+        if key in self.done or key in self._pending:
+            raise ValueError(f"{describe_key(key)} was already written")
+        row = encode_line(rec, self.fmt) if self.fmt in LINE_FORMATS else rec
+        self._buffer.append(row)
+        self._shard_keys.append(key)
+        self._pending.add(key)
         if len(self._buffer) >= self.row_group_rows:
             self._write_row_group()
-        if len(self._shard_ids) >= self.rows_per_shard:
+        if len(self._shard_keys) >= self.rows_per_shard:
             self.flush()
 
-    def is_pending(self, row_id: str) -> bool:
-        """Written to the open (uncommitted) shard: done for this process, lost if it crashes."""
-        return row_id in self._pending
+    def is_pending(self, key: str) -> bool:
+        """Written to the open (uncommitted) shard: done for this process, lost if it crashes.
+        `key`: io.schema.sample_key(id, sample_index)."""
+        return key in self._pending
 
     @property
     def failed(self) -> bool:
@@ -125,13 +197,13 @@ class ShardWriter:
 
     @property
     def pending_rows(self) -> int:
-        return len(self._shard_ids)
+        return len(self._shard_keys)
 
     def flush(self) -> ShardInfo | None:
         """Commit the open shard now, however small (used at the end and on SIGTERM)."""
         if self._broken:
             raise RuntimeError("ShardWriter failed earlier; its open shard was discarded")
-        if not self._shard_ids:
+        if not self._shard_keys:
             return None
         try:
             self._write_row_group()
@@ -142,7 +214,7 @@ class ShardWriter:
 
     def write_empty_shard(self) -> ShardInfo:
         """Commit a shard with zero rows, so a run with no output still loads with every reader."""
-        if self._shard_ids:
+        if self._shard_keys:
             raise RuntimeError("write_empty_shard with rows pending")
         try:
             self._open()
@@ -162,18 +234,15 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the open shard without committing it (its rows stay not-done)."""
         self._broken = True
-        if self._pq is not None:
-            try:
-                self._pq.close()
-            except Exception:  # noqa: BLE001 - already failing; the tmp file is removed below
-                pass
-            self._pq = None
+        if self._file is not None:
+            self._file.discard()
+            self._file = None
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
             self._tmp = None
         self._buffer.clear()
-        self._pending.difference_update(self._shard_ids)
-        self._shard_ids.clear()
+        self._pending.difference_update(self._shard_keys)
+        self._shard_keys.clear()
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -190,39 +259,40 @@ class ShardWriter:
         name = self.names.shard(self.next_index)
         self._tmp = self.out_dir / self.names.tmp(name)
         with writing(self._tmp):
-            self._pq = pq.ParquetWriter(self._tmp, self.schema, compression="zstd", write_page_checksum=True)
+            if self.fmt in LINE_FORMATS:
+                self._file = _LinesShard(self._tmp)
+            else:
+                self._file = _ParquetShard(self._tmp, self.schema)
 
     def _write_row_group(self) -> None:
         if not self._buffer:
             return
         try:
-            if self._pq is None:
+            if self._file is None:
                 self._open()
-            table = pa.Table.from_pylist(self._buffer, schema=self.schema)
             with writing(self._tmp):
-                self._pq.write_table(table, row_group_size=len(self._buffer))
+                self._file.write(self._buffer)
         except BaseException:
             self.abort()
             raise
         self._buffer.clear()
 
     def _commit(self) -> ShardInfo:
-        assert self._pq is not None and self._tmp is not None
+        assert self._file is not None and self._tmp is not None
         with writing(self._tmp):
-            self._pq.close()
-            self._pq = None
-            fsync_path(self._tmp)
+            self._file.commit()
+            self._file = None
         name = self.names.shard(self.next_index)
         final = self.out_dir / name
         with writing(final):
             os.replace(self._tmp, final)  # the commit point
             self._tmp = None
             fsync_dir(self.out_dir)
-        info = ShardInfo(name, self.next_index, len(self._shard_ids), final.stat().st_size, self._shard_ids)
+        info = ShardInfo(name, self.next_index, len(self._shard_keys), final.stat().st_size, self._shard_keys)
         self.next_index += 1
-        self.done.update(self._shard_ids)
+        self.done.update(self._shard_keys)
         self._pending.clear()
-        self._shard_ids = []
+        self._shard_keys = []
         self.committed.append(info)
         if self.on_commit is not None:
             self.on_commit(info)
