@@ -230,6 +230,8 @@ def _parse(line: bytes | str) -> dict[str, Any]:
 def flat_fields(obj: dict[str, Any], fmt: str) -> dict[str, Any]:
     """A parsed line as {column: JSON value} (nothing typed yet: see _column)."""
     if fmt == "jsonl":
+        if "id" not in obj:  # e.g. an openai line read as jsonl: never a row of nulls
+            raise ValueError("not a jsonl output line: no id")
         return obj
     if fmt == "openai":
         return _openai_fields(obj)

@@ -72,8 +72,9 @@ def read_run(out_dir: str | Path) -> dict[str, Any]:
     shards = [e for e in entries if (m := ANY_SHARD_RE.match(e)) and ext in (None, m.group("ext"))]
     if manifest is None and not shards:
         raise RunDirError(f"{out} holds no twotower run (no .manifest.json and no part-*.parquet/jsonl shards)")
+    line_fmt = fmt if fmt in LINE_FORMATS else None  # None: each JSON-lines shard's first line says
     if fmt is None and shards:
-        fmt = "parquet" if all(e.endswith(".parquet") for e in shards) else "jsonl"
+        fmt = "parquet" if all(e.endswith(".parquet") for e in shards) else _sniff(out, shards)
     modes: Counter[str] = Counter()
     finish: Counter[str] = Counter()
     sums = dict.fromkeys(_SUMS, 0)
@@ -85,7 +86,7 @@ def read_run(out_dir: str | Path) -> dict[str, Any]:
     first_start = last_end = None
     rows = 0
     for name in shards:
-        for t in _shard_tables(out / name, fmt):
+        for t in _shard_tables(out / name, line_fmt):
             cols = t.column_names
             rows += t.num_rows
             modes.update(_counts(t, "mode"))
@@ -145,9 +146,24 @@ def read_run(out_dir: str | Path) -> dict[str, Any]:
     }
 
 
+def _sniff(out: Path, shards: list[str]) -> str | None:
+    """The line format of a run without a manifest: that of its first JSON-lines shard's first line."""
+    for name in shards:
+        if name.endswith(".jsonl"):
+            try:
+                with open(out / name, "rb") as f:
+                    line = f.readline()
+                if line.strip():
+                    return sniff_format(line)
+            except (OSError, ValueError):
+                return None
+    return None
+
+
 def _shard_tables(path: Path, fmt: str | None) -> Iterator[pa.Table]:
-    """The summarised columns of one shard, in tables of up to _BATCH rows. A shard that does not
-    read is one line (RunDirError) naming it."""
+    """The summarised columns of one shard, in tables of up to _BATCH rows; `fmt` the line format of
+    a JSON-lines shard (None: sniffed from its first line). A shard that does not read is one line
+    (RunDirError) naming it."""
     try:
         if path.suffix == ".parquet":
             with pq.ParquetFile(path) as pf:
@@ -156,7 +172,7 @@ def _shard_tables(path: Path, fmt: str | None) -> Iterator[pa.Table]:
                     yield pa.Table.from_batches([batch])
             return
         schema = pa.schema([pa.field(c, _TYPES[c]) for c in _COLUMNS])
-        line_fmt = fmt if fmt in LINE_FORMATS else None
+        line_fmt = fmt
         n = 0
         with open(path, "rb") as f:
             while True:
