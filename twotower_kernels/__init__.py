@@ -51,11 +51,13 @@ __all__ = [
 
 def propose(
     logits: Tensor, temperature: Tensor, seed: Tensor, key: Tensor, pos: Tensor, step: Tensor,
-    mask_id: int | None = None,
+    mask_id: int | None = None, floor: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Proposed token and its temperature-1 probability per position; see `confidence.confidence_ref`."""
-    fn = confidence.confidence_triton if backend(logits.device) == "triton" else confidence.confidence_ref
-    return fn(logits, temperature, seed, key, pos, step, mask_id)
+    """Proposed token and its temperature-1 probability per position; see `confidence.confidence_ref`.
+    floor (B, S) or None: the sampling filters' floor (`confidence.sampling_floor`)."""
+    if backend(logits.device) == "triton":
+        return confidence.confidence_triton(logits, temperature, seed, key, pos, step, mask_id, floor=floor)
+    return confidence.confidence_ref(logits, temperature, seed, key, pos, step, mask_id, floor)
 
 
 def block_scan(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:

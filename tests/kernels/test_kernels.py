@@ -24,9 +24,10 @@ from model_helpers import random_model, tiny_cfg  # noqa: E402
 import twotower_kernels as kernels  # noqa: E402
 from twotower_cli.engine.decode import choose  # noqa: E402
 from twotower_cli.model.twotower import ssd_chunked  # noqa: E402
-from twotower_kernels.confidence import (
-    confidence_ref,  # noqa: E402
-    gumbel,  # noqa: E402
+from twotower_kernels.confidence import (  # noqa: E402
+    confidence_ref,
+    gumbel,
+    sampling_floor,
 )
 from twotower_kernels.ssd import ssd_ref  # noqa: E402
 
@@ -158,6 +159,40 @@ def test_confidence_ref_is_what_choose_computes():
         assert not (pred == MASK).any()
 
 
+def row_filters(B=2):
+    """Per-row (top_k, top_p, min_p), cycling through each filter alone, all three, and none."""
+    table = [(4, 1.0, 0.0), (0, 0.6, 0.0), (0, 1.0, 0.2), (6, 0.8, 0.05), (0, 1.0, 0.0)]
+    ks, ps, ms = zip(*(table[b % len(table)] for b in range(B)))
+    return torch.tensor(ks), torch.tensor(ps, dtype=torch.float64), torch.tensor(ms)
+
+
+def filtered_inputs(B=3, S=4, V=67, seed=0):
+    """Tied logits plus a little noise, the mask id -inf (as the engine's denoiser step sets it),
+    mixed temperatures, and the floor of `row_filters` over those logits."""
+    g = torch.Generator().manual_seed(seed + 10)
+    logits = tied_logits(B, S, V, seed=seed) + 0.3 * torch.randn(B, S, V, generator=g)
+    logits[..., MASK] = -float("inf")
+    t = torch.tensor([1.0, 0.7, 0.0, 1.3, 2.0][:B])
+    f = row_filters(B)
+    return logits, t, f, sampling_floor(logits, t, *f)
+
+
+def test_confidence_ref_with_floor_is_what_choose_computes_with_filters():
+    """decode.choose with per-row filters == the ref given `sampling_floor`'s floor, bitwise; the
+    floor changes sampled tokens and nothing else (greedy rows, conf)."""
+    logits, t, f, floor = filtered_inputs(B=5)
+    rows = row_inputs(B=5, seed=6)
+    with kernels.force("ref"):
+        pred_c, conf_c = choose(logits, t, *rows, f)
+        free = choose(logits, t, *rows)
+    pred, conf = confidence_ref(logits, t, *rows, mask_id=MASK, floor=floor)
+    assert torch.equal(pred, pred_c) and torch.equal(conf, conf_c)
+    assert (logits.gather(-1, pred[..., None])[..., 0] >= floor).all() and not (pred == MASK).any()
+    assert not torch.equal(pred, free[0])
+    assert torch.equal(pred[2], free[0][2]) and torch.equal(pred[4], free[0][4])  # greedy; no filter
+    torch.testing.assert_close(conf, torch.softmax(logits, -1).gather(-1, pred[..., None])[..., 0], rtol=0, atol=0)
+
+
 @needs_interpreter
 @pytest.mark.parametrize("seed", [0, 1])
 def test_gumbel_noise_bitwise(seed):
@@ -185,6 +220,31 @@ def test_confidence_kernel_equals_ref(temp, mask_id, block):
         torch.testing.assert_close(conf_k, conf_r, rtol=1e-5, atol=1e-7)
         if mask_id is not None:
             assert not (pred_k == mask_id).any()
+
+
+@_interpreter  # a few small launches (~2 s): kept in the fast loop
+@pytest.mark.parametrize("block", [None, 16])
+@pytest.mark.parametrize("mask_id", [MASK, None])
+def test_confidence_kernel_with_floor_equals_ref(mask_id, block):
+    """The floor in the kernel: sampled scores below it are -inf, greedy rows and conf ignore it.
+    Floors from the filters, plus a hand-set one on a greedy row (ignored there) and at ties."""
+    from twotower_kernels.confidence import confidence_triton
+
+    logits, t, f, floor = filtered_inputs(B=5, seed=1)
+    floor[2] = logits[2].amax(-1) + 1  # a greedy row: above every logit, and ignored
+    floor[0, 0] = logits[0, 0].sort(descending=True).values[3]  # a tie-rich floor, set by hand
+    rows = row_inputs(B=5, seed=1)
+    pred_r, conf_r = confidence_ref(logits, t, *rows, mask_id=mask_id, floor=floor)
+    pred_k, conf_k = confidence_triton(logits, t, *rows, mask_id=mask_id, block=block, floor=floor)
+    assert torch.equal(pred_k, pred_r), (pred_k, pred_r)
+    torch.testing.assert_close(conf_k, conf_r, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(pred_k, confidence_triton(logits, t, *rows, mask_id=mask_id, block=block)[0])
+    with kernels.force("triton"):
+        got = choose(logits, t, *rows, f)
+    with kernels.force("ref"):
+        want = choose(logits, t, *rows, f)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-7)
 
 
 @needs_interpreter
@@ -296,6 +356,20 @@ def test_gpu_confidence_and_noise():
     with kernels.force("ref"):
         want = choose(logits, t, *rows)
     assert torch.equal(got[0], want[0])
+    f = row_filters(8)  # each filter, all three and none (host tensors, as the engine passes them)
+    floor = sampling_floor(logits, t, *f)
+    pred_f, conf_f = confidence_triton(logits, t, *rows, mask_id=MASK, floor=floor)
+    pred_fr, conf_fr = confidence_ref(logits, t, *rows, mask_id=MASK, floor=floor)
+    assert torch.equal(pred_f, pred_fr)
+    torch.testing.assert_close(conf_f, conf_fr, rtol=1e-5, atol=1e-7)
+    with kernels.force("auto"):
+        got = choose(logits, t, *rows, f)
+    with kernels.force("ref"):
+        want = choose(logits, t, *rows, f)
+    assert torch.equal(got[0], want[0])
+    ms_f = _time(lambda: sampling_floor(logits, t, *f))
+    ms_kf = _time(lambda: confidence_triton(logits, t, *rows, mask_id=MASK, floor=floor))
+    print(f"\nsampling_floor (top-p over the full vocab) {ms_f:.3f} ms, kernel with floor {ms_kf:.3f} ms")
     ms_k = _time(lambda: confidence_triton(logits, t, *rows, mask_id=MASK))
     ms_r = _time(lambda: confidence_ref(logits, t, *rows, mask_id=MASK))
     print(f"\nconfidence B=8 S=16 V={V}: triton {ms_k:.3f} ms, ref {ms_r:.3f} ms")

@@ -14,18 +14,24 @@ import torch
 from torch import Tensor
 
 import twotower_kernels as kernels
+from twotower_kernels.confidence import sampling_floor
 
 
 def choose(
-    logits: Tensor, temperature: Tensor, seed: Tensor, key: Tensor, pos: Tensor, step: Tensor
+    logits: Tensor, temperature: Tensor, seed: Tensor, key: Tensor, pos: Tensor, step: Tensor,
+    filters: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Proposed tokens and their confidence. logits (B, S, V) fp32 (excluded ids already -inf).
 
-    pred = argmax(logits) at temperature 0, else argmax(logits / T + Gumbel); conf is the
-    temperature-1 probability of pred. Returns (pred (B, S) int64, conf (B, S) fp32). The fused
-    kernel runs on CUDA, its torch twin `twotower_kernels.confidence.choose_ref` elsewhere.
+    pred = argmax(logits) at temperature 0, else argmax(logits / T + Gumbel) over the tokens the
+    row's sampling filters keep; conf is the temperature-1 probability of pred over the unfiltered
+    logits. filters: per-row (top_k, top_p, min_p) (B,) tensors, best on the host, or None when no
+    row has one (then nothing is computed for them). Returns (pred (B, S) int64, conf (B, S)
+    fp32). The fused kernel runs on CUDA, its torch twin `twotower_kernels.confidence.choose_ref`
+    elsewhere; the filters reach both as one floor per position (`confidence.sampling_floor`).
     """
-    return kernels.propose(logits, temperature, seed, key, pos, step)
+    floor = None if filters is None else sampling_floor(logits, temperature, *filters)
+    return kernels.propose(logits, temperature, seed, key, pos, step, floor=floor)
 
 
 def commit_mask(conf: Tensor, masked: Tensor, gamma: Tensor, k: Tensor, steps: Tensor) -> Tensor:

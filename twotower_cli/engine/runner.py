@@ -197,7 +197,7 @@ class Runner:
         logits = self.model.context_extend(ids, state, logits="all", scan=self.scan, keep=kept)  # (B, S, V)
         dev = logits.device
         steps = torch.zeros(len(g), dtype=torch.long, device=dev)
-        ar, _ = choose(logits, *_row_tensors(g, dev), _positions(g, S, dev), steps)  # (B, S)
+        ar, _ = choose(logits, *_row_tensors(g, dev), _positions(g, S, dev), steps, _row_filters(g))  # (B, S)
         agree = (ids[:, 1:].to(dev) == ar[:, :-1]).long().cumprod(1)  # (B, S-1) drafts AR agrees with so far
         accepted = agree.sum(1)  # (B,)
         self.model.context_rollback(state, kept, start, 1 + accepted)
@@ -230,7 +230,8 @@ class Runner:
         T = torch.tensor([r.p.steps_per_block for r in g], device=dev)
         gamma = torch.tensor([r.p.gamma for r in g], dtype=torch.float32, device=dev)
         noise_step = torch.tensor([r.noise_step for r in g], device=dev)
-        pred, conf = choose(logits, *_row_tensors(g, dev), _block_positions(g, S, dev), noise_step)
+        # the filters' floor is taken over these logits, the mask id's already -inf
+        pred, conf = choose(logits, *_row_tensors(g, dev), _block_positions(g, S, dev), noise_step, _row_filters(g))
         take = commit_mask(conf, masked, gamma, k, T)
         xt = torch.where(take, pred, xt)
         complete = ~(masked & ~take).any(1)
@@ -252,7 +253,8 @@ class Runner:
         context tower's, so they also give the chosen token's AR score."""
         dev = logits.device
         step = torch.zeros(len(rows), dtype=torch.long, device=dev)
-        pred, _ = choose(logits[:, None, :], *_row_tensors(rows, dev), _positions(rows, 1, dev), step)
+        pred, _ = choose(logits[:, None, :], *_row_tensors(rows, dev), _positions(rows, 1, dev), step,
+                         _row_filters(rows))
         pred = pred[:, 0]
         if score and any(r.scoring for r in rows):
             lp, hit = ar_scores(logits, pred)
@@ -277,6 +279,19 @@ def _row_tensors(rows: list[Row], dev: torch.device) -> tuple[Tensor, Tensor, Te
     seed = torch.tensor([r.p.seed for r in rows], dtype=torch.long, device=dev)
     key = torch.tensor([r.req.key for r in rows], dtype=torch.long, device=dev)
     return temp, seed, key
+
+
+def _row_filters(rows: list[Row]) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Per-row sampling filters (top_k, top_p, min_p), on the host (`sampling_floor` decides there
+    which rows to compute), or None when no row has one on: the unfiltered path does nothing more.
+    A row whose filters do nothing (temperature 0) gets them off."""
+    on = [r.p.filters for r in rows]
+    if not any(on):
+        return None
+    top_k = torch.tensor([r.p.top_k if f else 0 for r, f in zip(rows, on)], dtype=torch.long)
+    top_p = torch.tensor([r.p.top_p if f else 1.0 for r, f in zip(rows, on)], dtype=torch.float64)
+    min_p = torch.tensor([r.p.min_p if f else 0.0 for r, f in zip(rows, on)], dtype=torch.float64)
+    return top_k, top_p, min_p
 
 
 def _positions(rows: list[Row], width: int, dev: torch.device) -> Tensor:
