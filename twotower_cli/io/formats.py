@@ -49,8 +49,9 @@ in a non-compact spelling comes back compact (the same object).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Literal
@@ -68,7 +69,7 @@ LINE_FORMATS: tuple[str, ...] = ("jsonl", "openai")
 _OPENAI_BODY_COLUMNS = ("id", "sample_index", "completion", "chat", "model", "prompt_tokens", "completion_tokens")
 OPENAI_EXTRA_COLUMNS = tuple(c for c in COLUMN_NAMES if c not in _OPENAI_BODY_COLUMNS)
 _FINISH_TO_OPENAI = {"eos": "stop", "stop": "stop", "length": "length"}
-_TYPES = {name: t for name, t, _ in COLUMNS}
+_REQUIRED = tuple(name for name, _, nullable in COLUMNS if not nullable)
 
 
 def check_format(fmt: str) -> str:
@@ -185,11 +186,12 @@ def record_from_line(line: bytes | str, fmt: str, extra: Sequence[pa.Field] = ()
         raise ValueError("; ".join(x for x in (f"missing column(s) {missing}" if missing else "",
                                                f"unknown column(s) {unknown}" if unknown else "") if x))
     rec = {c: _column(c, flat[c]) for c in COLUMN_NAMES}
-    for name, _, nullable in COLUMNS:
-        if not nullable and rec[name] is None:  # check_record would fill a default in
+    for name in _REQUIRED:
+        if rec[name] is None:  # check_record would fill a default in
             raise ValueError(f"output column {name!r} is required")
     for f in extra:
-        rec[f.name] = _from_json(flat[f.name], f.type)
+        d = decoder(f.type)
+        rec[f.name] = flat[f.name] if d is None else d(flat[f.name])
     return check_record(rec, extra)
 
 
@@ -240,9 +242,12 @@ def flat_fields(obj: dict[str, Any], fmt: str) -> dict[str, Any]:
 
 def _column(name: str, v: Any) -> Any:
     """The JSON value of output column `name` as its record value (`metadata` back to a string)."""
-    if name == "metadata" and v is not None and not isinstance(v, str):
-        return orjson.dumps(v).decode()
-    return _from_json(v, _TYPES[name])
+    if v is None:
+        return None
+    if name == "metadata":
+        return v if isinstance(v, str) else orjson.dumps(v).decode()
+    d = _COLUMN_DECODERS[name]
+    return v if d is None else d(v)
 
 
 def _openai_fields(obj: dict[str, Any]) -> dict[str, Any]:
@@ -291,41 +296,77 @@ def _tname(typ: type | tuple[type, ...]) -> str:
     return {dict: "object", list: "array", str: "string", int: "integer"}.get(typ, str(typ))  # type: ignore[call-overload]
 
 
-def _from_json(v: Any, typ: pa.DataType) -> Any:
-    """A JSON value back to the Python value Arrow gives for type `typ` (the inverse of _jsonable
-    and orjson's spellings). Raises ValueError for a value that cannot be one."""
-    if v is None:
+Decoder = Callable[[Any], Any]
+
+
+@functools.lru_cache(maxsize=512)
+def decoder(typ: pa.DataType) -> Decoder | None:
+    """The function that turns a JSON value back into the Python value Arrow gives for type `typ`
+    (the inverse of _jsonable and of orjson's spellings), None where the JSON value is that value
+    already. Built once per type (a resume decodes every line of every shard). A decoder maps None
+    to None and raises ValueError for a value that cannot be one of `typ`."""
+    inner = _decoder(typ)
+    if inner is None:
         return None
-    try:
-        if pa.types.is_timestamp(typ):
+
+    def decode(v: Any) -> Any:
+        if v is None:
+            return None
+        try:
+            return inner(v)
+        except (TypeError, ValueError, ArithmeticError, AttributeError) as e:
+            raise ValueError(f"{v!r} is not a {typ}: {e}") from None
+
+    return decode
+
+
+def _decoder(typ: pa.DataType) -> Decoder | None:
+    t = pa.types
+    if t.is_timestamp(typ):
+        tz = typ.tz
+
+        def timestamp(v: Any) -> datetime:
             if not isinstance(v, str):
                 raise ValueError("not an ISO 8601 string")
-            t = datetime.fromisoformat(v)
-            if typ.tz is not None and t.tzinfo is None:
-                t = t.replace(tzinfo=timezone.utc)
-            return t
-        if pa.types.is_date(typ):
-            return date.fromisoformat(v)
-        if pa.types.is_time(typ):
-            return time.fromisoformat(v)
-        if pa.types.is_duration(typ):
-            return timedelta(seconds=v)
-        if pa.types.is_binary(typ) or pa.types.is_large_binary(typ) or pa.types.is_fixed_size_binary(typ):
-            return base64.b64decode(v, validate=True)
-        if pa.types.is_decimal(typ):
-            return Decimal(v)
-        if pa.types.is_floating(typ) and isinstance(v, int) and not isinstance(v, bool):
-            return float(v)
-        if pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ):
-            return [_from_json(x, typ.value_type) for x in v]
-        if pa.types.is_map(typ):
-            return [(_from_json(k, typ.key_type), _from_json(x, typ.item_type)) for k, x in v]
-        if pa.types.is_struct(typ):
+            ts = datetime.fromisoformat(v)
+            return ts.replace(tzinfo=timezone.utc) if tz is not None and ts.tzinfo is None else ts
+
+        return timestamp
+    if t.is_date(typ):
+        return date.fromisoformat
+    if t.is_time(typ):
+        return time.fromisoformat
+    if t.is_duration(typ):
+        return lambda v: timedelta(seconds=v)
+    if t.is_binary(typ) or t.is_large_binary(typ) or t.is_fixed_size_binary(typ):
+        return lambda v: base64.b64decode(v, validate=True)
+    if t.is_decimal(typ):
+        return lambda v: Decimal(v) if isinstance(v, (str, int)) and not isinstance(v, bool) else Decimal(str(v))
+    if t.is_floating(typ):
+        return lambda v: float(v) if type(v) is int else v
+    if t.is_list(typ) or t.is_large_list(typ) or t.is_fixed_size_list(typ):
+        d = decoder(typ.value_type)
+        return None if d is None else (lambda v: [d(x) for x in v])
+    if t.is_map(typ):
+        kd = decoder(typ.key_type) or _same
+        vd = decoder(typ.item_type) or _same
+        return lambda v: [(kd(k), vd(x)) for k, x in v]
+    if t.is_struct(typ):
+        fields = [(f.name, decoder(f.type) or _same) for f in typ]
+
+        def struct(v: Any) -> dict[str, Any]:
             if not isinstance(v, dict):
                 raise ValueError("not an object")
-            return {f.name: _from_json(v.get(f.name), f.type) for f in typ}
-        if pa.types.is_dictionary(typ):
-            return _from_json(v, typ.value_type)
-    except (TypeError, ValueError, ArithmeticError) as e:
-        raise ValueError(f"{v!r} is not a {typ}: {e}") from None
+            return {name: d(v.get(name)) for name, d in fields}
+
+        return struct
+    if t.is_dictionary(typ):
+        return decoder(typ.value_type)
+    return None
+
+
+def _same(v: Any) -> Any:
     return v
+
+
+_COLUMN_DECODERS: dict[str, Decoder | None] = {name: decoder(t) for name, t, _ in COLUMNS}
