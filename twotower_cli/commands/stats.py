@@ -1,6 +1,8 @@
-"""`twotower stats DIR`: rows, modes, finish reasons, tokens-per-step histogram, throughput.
+"""`twotower stats DIR`: rows, modes, finish reasons, tokens-per-step histogram, repetition
+histogram, throughput; of a run of any format (Parquet shards, or `jsonl`/`openai` lines).
 
-Torch-free (pyarrow only): a directory that holds no run is one line, exit 2."""
+Torch-free (pyarrow and orjson only): a directory that holds no run, or a shard that does not
+read, is one line, exit 2."""
 
 from __future__ import annotations
 
