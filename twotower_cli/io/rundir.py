@@ -713,8 +713,7 @@ def _verify_lines(path: Path, fmt: str, extra: Sequence[pa.Field]) -> tuple[Grou
     def close_group() -> None:
         nonlocal start
         if keys:
-            inp = _input_hashes(pa.array(inputs, pa.string()))
-            groups.append(((path, start, pos - start, fmt), id_hashes(keys), inp))
+            groups.append(((path, start, pos - start, fmt), id_hashes(keys), _input_hash_values(inputs)))
             keys.clear()
             inputs.clear()
         start = pos
@@ -737,9 +736,22 @@ def _verify_lines(path: Path, fmt: str, extra: Sequence[pa.Field]) -> tuple[Grou
     return groups, rows
 
 
+def _input_hash_values(values: list[str | None]) -> np.ndarray:
+    """_input_hashes of a list (not through pa.array, which imports pandas where it is installed)."""
+    out = np.zeros(len(values), dtype=np.uint64)
+    for i, v in enumerate(values):
+        if v:
+            try:
+                out[i] = int(v, 16) & 0xFFFF_FFFF_FFFF_FFFF
+            except ValueError:
+                pass  # not one of ours: unknown, never a mismatch
+    return out
+
+
 def _key_hashes(ids: pa.Array, samples: pa.Array) -> np.ndarray:
     """id_hash(sample_key(id, k)) of each row, from its `id` and `sample_index` values (no nulls)."""
-    ks = samples.to_numpy(zero_copy_only=False)
+    # from the buffer: Array.to_numpy imports pandas (35 MB of a resume's peak RSS)
+    ks = np.frombuffer(samples.buffers()[1], dtype="<i8")[samples.offset: samples.offset + len(samples)]
     if not ks.any():
         return _string_hashes(ids)  # no samples: the key is the id
     offsets, data = _string_buffers(ids)
@@ -780,15 +792,7 @@ def _input_hashes(arr: pa.Array) -> np.ndarray:
                 return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
             except ValueError:
                 pass
-    values = arr.to_pylist()
-    out = np.zeros(len(values), dtype=np.uint64)
-    for i, v in enumerate(values):
-        if v:
-            try:
-                out[i] = int(v, 16) & 0xFFFF_FFFF_FFFF_FFFF
-            except ValueError:
-                pass  # not one of ours: unknown, never a mismatch
-    return out
+    return _input_hash_values(arr.to_pylist())
 
 
 # ---- the done set ---------------------------------------------------------------------------------
