@@ -1,7 +1,8 @@
 """Input rows: JSONL, OpenAI batch lines, Parquet or stdin -> `PromptRow` | `RejectedRow`.
 
 Streaming: one line (JSONL) or one record batch (Parquet) at a time, so memory stays flat whatever
-the file size; the only state that grows is the set of ids seen (needed to reject duplicates).
+the file size; the only state that grows is the set of ids seen (needed to reject duplicates),
+16 bytes per id (io.idset), and the count of repeats of each id-less content.
 A bad row never stops the read: it becomes a `RejectedRow` with a deterministic reason and the
 next row is read. Only a source that cannot be read at all raises `InputError`.
 
@@ -52,6 +53,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import ConfigError, DecodeParams
+from .idset import IdSet
 from .schema import InputError, PromptRow, RejectedRow, SourceFormat, passthrough_fields
 
 __all__ = ["read_rows", "Rows", "row_excerpt", "PromptRow", "RejectedRow", "InputError", "OVERRIDE_FIELDS",
@@ -123,8 +125,8 @@ class Rows:
     def _rows(self, records: Iterator[_Record], more: _More, prompt_field: str, id_field: str,
               limit: int | None) -> Iterator[PromptRow | RejectedRow]:
         typed = frozenset(f.name for f in self.extra_fields)
-        seen: set[str] = set()
-        repeats: dict[str, int] = {}  # content hash -> occurrences so far (rows without an id only)
+        seen = IdSet()
+        repeats = _Repeats()  # occurrences so far of each content (rows without an id only)
         n = 0
         if limit == 0:
             self._exhausted = not more(records)
@@ -386,8 +388,8 @@ def _validate(
     fmt: SourceFormat,
     prompt_field: str,
     id_field: str,
-    seen: set[str],
-    repeats: dict[str, int],
+    seen: IdSet,
+    repeats: _Repeats,
     typed: frozenset[str] = frozenset(),
 ) -> PromptRow | RejectedRow:
     if isinstance(obj, _Reject):
@@ -400,13 +402,28 @@ def _validate(
         return RejectedRow(line_no, r.row_id, r.reason, _excerpt(raw))
     if row_id is None:
         h = _content_hash(prompt, messages, overrides)
-        k = repeats.get(h, 0)
-        repeats[h] = k + 1
+        k = repeats.count(h)
         row_id = f"h-{h}" if k == 0 else f"h-{h}-{k}"
-    if row_id in seen:
+    if not seen.add(row_id):
         return RejectedRow(line_no, row_id, "duplicate id", _excerpt(raw))
-    seen.add(row_id)
     return PromptRow(row_id, line_no, prompt, messages, overrides, fmt, metadata=metadata, columns=columns)
+
+
+class _Repeats:
+    """How many times each id-less content was seen before: compact for the first occurrence (an
+    IdSet), a dict only for contents that repeat."""
+
+    def __init__(self) -> None:
+        self.first = IdSet()
+        self.more: dict[str, int] = {}
+
+    def count(self, h: str) -> int:
+        """Occurrences of `h` before this one (and count this one)."""
+        if self.first.add(h):
+            return 0
+        k = self.more.get(h, 1)
+        self.more[h] = k + 1
+        return k
 
 
 _Parsed = tuple["str | None", "str | None", "list[dict[str, str]] | None", "dict[str, Any]",
