@@ -388,3 +388,30 @@ def test_a_shard_of_other_pass_through_columns_is_not_adopted(tmp_path):
     assert any("does not read whole (its columns are not this version's output schema)" in n for n in run.notes)
     assert len(run.done_ids) == 0
     run.close()
+
+
+PANDAS_CHILD = textwrap.dedent("""
+    import sys
+    from twotower_cli.io.rundir import RunDir
+    for out, fmt in zip(sys.argv[1::2], sys.argv[2::2]):
+        run = RunDir(out, {"m": 1}, format=fmt)
+        assert len(run.done_ids) == 40 and run.notes == [], run.notes
+        run.close()
+    print("pandas" in sys.modules)
+""")
+
+
+def test_a_resume_does_not_import_pandas(tmp_path):
+    """pyarrow imports pandas (35 MB) for Array.to_numpy and pa.array of Python lists; a resume's
+    peak memory must not carry it (benchmarks/done_set.py)."""
+    args = []
+    for fmt in ("parquet", "jsonl"):
+        with RunDir(tmp_path / fmt, {"m": 1}, format=fmt, rows_per_shard=16) as run:
+            for i in range(20):
+                for k in range(2):
+                    run.add(rec(i, k))
+        args += [str(tmp_path / fmt), fmt]
+    p = subprocess.run([sys.executable, "-c", PANDAS_CHILD, *args], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "False"
