@@ -24,6 +24,12 @@ from twotower_cli.model.checkpoint import fingerprint, weight_dtypes
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _private_digest_cache(tmp_path, monkeypatch):
+    """fingerprint() caches weight digests per user: never in the real home of whoever runs the tests."""
+    monkeypatch.setenv("TWOTOWER_CACHE_DIR", str(tmp_path / "digest-cache"))
+
+
 @pytest.fixture(scope="module")
 def model():
     return random_model(seed=41)
@@ -204,6 +210,12 @@ def test_fingerprint(model, saved, tmp_path):
     cfg["eos_token_id"] = [2, 11]
     (saved / "config.json").write_text(json.dumps(cfg))
     assert fingerprint(saved) != f
+    # A retrain of the same shapes: same header, other values (tests/model/test_fingerprint.py has the cache's cases).
+    with torch.no_grad():
+        retrained = random_model(seed=42)
+    save(retrained, tmp_path / "retrained")
+    (tmp_path / "retrained" / "config.json").write_bytes((tmp_path / "again" / "config.json").read_bytes())
+    assert fingerprint(tmp_path / "retrained") != f
 
 
 def test_nothing_in_the_directory_is_executed(model, saved, tmp_path):

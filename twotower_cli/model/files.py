@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
+from . import content_hash
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -69,26 +70,47 @@ def weight_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
 
 
 def fingerprint(path: str | os.PathLike) -> str:
-    """A short stable hash identifying a checkpoint's contents, cheap to compute at any size.
+    """A short stable hash of a checkpoint's contents, not of where it is: moving or copying a
+    checkpoint keeps it, a retrain of the same shapes changes it.
 
-    Covers config.json, the shard index, the tokenizer files and every safetensors file's name,
-    size and header (key names, dtypes, shapes, offsets); not the tensor bytes themselves.
+    Covers config.json, the shard index, the tokenizer files and every safetensors file's name and
+    content (a digest of all its bytes, cached per user by `content_hash`: a checkpoint is read in
+    full once, at about 1 GB/s, then only stat'ed). A weight file with a broken header is refused here.
     """
     root = checkpoint_dir(path)
     files, _ = weight_files(root)
-    h = hashlib.sha256()
+    h = hashlib.sha256(b"twotower-checkpoint-fingerprint-2\0")
     for name in ("config.json", INDEX_FILE, *TOKENIZER_FILES):
         f = root / name
         if f.is_file():
             h.update(f"{name}\0".encode())
-            h.update(f.read_bytes())
+            h.update(_read(f))
     for f in files:
-        size = f.stat().st_size
+        size = _check_header(f)
         h.update(f"{f.name}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            head = fh.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 0 < n <= min(size - 8, 100 << 20):
-                raise CheckpointError(f"corrupt safetensors file {f}: bad header length")
-            h.update(fh.read(n))
+        try:
+            h.update(content_hash.file_digest(f).encode())
+        except OSError as e:
+            raise CheckpointError(f"cannot read {f}: {e.strerror or e}") from None
     return h.hexdigest()[:16]
+
+
+def _read(f: Path) -> bytes:
+    try:
+        return f.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {f}: {e.strerror or e}") from None
+
+
+def _check_header(f: Path) -> int:
+    """The file's size, once its safetensors header length is checked to be sane."""
+    try:
+        with content_hash.open_regular(f) as fh:
+            size = os.fstat(fh.fileno()).st_size
+            head = fh.read(8)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {f}: {e.strerror or e}") from None
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 0 < n <= min(size - 8, 100 << 20):
+        raise CheckpointError(f"corrupt safetensors file {f}: bad header length")
+    return size
