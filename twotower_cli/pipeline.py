@@ -357,7 +357,8 @@ def generate(cfg: RunConfig, decoder: Decoder | Callable[[], Decoder],
     rows = read_rows(cfg.source, prompt_field=cfg.prompt_field, id_field=cfg.id_field, limit=cfg.limit)
     dec = decoder if isinstance(decoder, Decoder) else None
     if stream is not None:
-        sink: RunDir | JsonlSink = JsonlSink(stream, on_reject, format=cfg.format, extra_fields=rows.extra_fields)
+        lines = cfg.format if cfg.format != "parquet" else "jsonl"  # a stream is lines (the CLI refuses parquet)
+        sink: RunDir | JsonlSink = JsonlSink(stream, on_reject, format=lines, extra_fields=rows.extra_fields)
     else:
         sink = RunDir(cfg.out_dir, fingerprint(cfg, rows.extra_fields), overwrite=cfg.overwrite,
                       rows_per_shard=cfg.rows_per_shard, partition=cfg.partition, format=cfg.format,
