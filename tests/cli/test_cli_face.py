@@ -109,7 +109,8 @@ def test_renamed_flags_and_their_aliases_give_the_same_run(captured_gen, tmp_pat
     assert (run1, p1, s1) == (run2, p2, s2)
     # The run fingerprint is built from DecodeParams' field names: they must not change.
     assert [f.name for f in dataclasses.fields(DecodeParams)] == [
-        "mode", "gamma", "block_size", "steps_per_block", "temperature", "max_new_tokens", "seed", "mask_token_id"]
+        "mode", "gamma", "block_size", "steps_per_block", "temperature", "max_new_tokens", "seed", "mask_token_id",
+        "top_k", "top_p", "min_p", "stop", "n"]
 
 
 def test_gen_flags_reach_typed_objects(captured_gen, tmp_path):
