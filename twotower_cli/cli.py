@@ -1,27 +1,118 @@
 """The `twotower` command line: declares commands, builds typed options, calls `commands.<name>`.
 
 Options are declared once in `options.py`. Data goes to stdout, progress and logs to stderr. Exit
-codes: 0 ok, 2 bad arguments or inputs (one line on stderr), 1 unexpected failure. Nothing here
-imports torch: `twotower --help` stays fast, and command modules import it when they run.
+codes: 0 ok, 2 bad arguments or inputs (one line on stderr, flag-parse errors included), 3
+interrupted by a signal, 1 unexpected failure. Nothing here imports torch: `twotower --help` stays
+fast, and command modules import it when they run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+import typer.core
 
 from . import options as o
 from .commands import user_errors
 from .config import DecodeParams
-from .errors import EXIT_INTERRUPTED
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+
+# The click that typer runs on: its own vendored copy in recent typer, the click package before.
+_click: Any = getattr(typer.core, "_click", None)
+if _click is None:  # pragma: no cover - older typer
+    import click as _click
+_UsageError = _click.exceptions.UsageError
+_ClickException = _click.exceptions.ClickException
+_NoArgsIsHelp = getattr(_click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2; before, help exits 0 itself
+
+INTERRUPTED = "interrupted: rows committed so far are kept; rerun the same command to resume"
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _Interrupted(BaseException):
+    """SIGINT/SIGTERM outside a run's own handlers (start-up: imports, flag checks, opening the
+    output directory; the end: the summary). A BaseException, so that no `except Exception` and
+    neither click nor typer (which turn KeyboardInterrupt into "Aborted!", exit 1, or exit 130)
+    swallows it."""
+
+
+@contextlib.contextmanager
+def _keyboard_interrupt_is_interrupted() -> Iterator[None]:
+    """A KeyboardInterrupt (the default SIGINT handler, e.g. in-process callers) becomes
+    `_Interrupted` before typer can turn it into exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise _Interrupted(signal.SIGINT) from None
+
+
+class Root(o.HelpGroup):
+    """The root group: whatever happens, one exit code and at most one line on stderr.
+
+    A flag that does not parse (unknown, missing, of the wrong type) is `error: <what>; see
+    '<command> --help'` with exit 2, not click's boxed usage text; no arguments at all show the
+    help (stdout, exit 0); a signal before a run has its own handlers is the "interrupted" line,
+    exit 3. In-process callers (typer's CliRunner) get the same as the command line."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _keyboard_interrupt_is_interrupted():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _keyboard_interrupt_is_interrupted():
+            return super().invoke(ctx)
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NoArgsIsHelp as e:
+            typer.echo(e.ctx.get_help(), color=e.ctx.color)
+            code = EXIT_OK
+        except _UsageError as e:
+            print(f"error: {usage_line(e)}", file=sys.stderr, flush=True)
+            code = EXIT_USAGE
+        except _ClickException as e:
+            print(f"error: {_fold(e.format_message())}", file=sys.stderr, flush=True)
+            code = e.exit_code
+        except typer.Abort as e:
+            if not isinstance(e.__cause__, KeyboardInterrupt):
+                print("error: aborted", file=sys.stderr, flush=True)
+                code = EXIT_FAILED
+            else:
+                print(INTERRUPTED, file=sys.stderr, flush=True)
+                code = EXIT_INTERRUPTED
+        except _Interrupted:
+            print(INTERRUPTED, file=sys.stderr, flush=True)
+            code = EXIT_INTERRUPTED
+        code = code if isinstance(code, int) else EXIT_OK  # a command that returned normally: None
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _fold(text: str) -> str:
+    return " ".join(text.split())
+
+
+def usage_line(e: Any) -> str:
+    """click's message on one line, lower-cased like ours, then where the help is."""
+    msg = _fold(e.format_message()).rstrip(".")
+    if msg[:1].isupper() and msg[1:2].islower():
+        msg = msg[0].lower() + msg[1:]
+    where = e.ctx.command_path if e.ctx is not None else "twotower"
+    return f"{msg}; see '{where} --help'"
+
 
 app = typer.Typer(
     name="twotower",
-    cls=o.HelpGroup,
+    cls=Root,
     help="Batch synthetic-data generation with TwoTower block-diffusion language models.",
     no_args_is_help=True,
     add_completion=False,
@@ -95,6 +186,7 @@ def gen(
     limit: o.Limit = None,
     output_format: o.OutputFormat = None,
     overwrite: o.Overwrite = False,
+    regenerate_changed: o.RegenerateChanged = False,
     fail_on_error: o.FailOnError = False,
     quiet: o.Quiet = False,
     log_every: o.LogEvery = o.DEFAULT_LOG_EVERY_S,
@@ -124,7 +216,7 @@ def gen(
                            max_batch_tokens=max_batch_tokens, rows_per_shard=rows_per_shard,
                            prompt_field=prompt_field, id_field=id_field, limit=limit, overwrite=overwrite,
                            fail_on_error=fail_on_error, quiet=quiet, ar_score=ar_score, log_every=log_every,
-                           format=output_format)
+                           format=output_format, regenerate_changed=regenerate_changed)
         placement = o.Placement(model=model, device=device, ctx_device=ctx_device, den_device=den_device,
                                 dtype=dtype, threads=threads)
         scale = o.ScaleOut(num_shards=num_shards, shard_index=shard_index, ray=ray, ray_address=ray_address,
@@ -188,15 +280,9 @@ def bench(
                 seed=seed, rounds=rounds)
 
 
-class _Interrupted(BaseException):
-    """SIGINT/SIGTERM outside a run's own handlers (start-up: imports, flag checks, opening the
-    output directory; the end: the summary). A BaseException, so that no `except Exception` and
-    not click (which turns KeyboardInterrupt into "Aborted!", exit 1) swallows it."""
-
-
 def _on_signal(signum: int, frame: object) -> None:
     if _on_signal.fired:  # type: ignore[attr-defined]
-        return  # already stopping: cleanup runs to its end
+        return  # already stopping, or already finished: the exit code is decided
     _on_signal.fired = True  # type: ignore[attr-defined]
     raise _Interrupted(signum)
 
@@ -204,16 +290,29 @@ def _on_signal(signum: int, frame: object) -> None:
 _on_signal.fired = False  # type: ignore[attr-defined]
 
 
+def _forget_caught_keyboard_interrupts() -> None:
+    """CPython remembers a KeyboardInterrupt that escaped code run by exec() of a *string*
+    (dataclasses, namedtuple and typing build their methods that way, and torch's import runs a lot
+    of them) even when a caller caught it afterwards, and at exit then kills the process with
+    SIGINT (-2, 130 in a shell) instead of exiting with its code: a signal that landed there while
+    the model loaded made the run exit -2 after its "interrupted" line. exec() of a string forgets
+    it when it completes; so does this, just before the exit."""
+    exec("pass")  # noqa: S102 - a constant string: the point is the interpreter's bookkeeping
+
+
 def main() -> None:
     # First: a signal at any moment of start-up (before torch and the model load) is exit 3, one
     # line. A run replaces these handlers with its own while it reads, loads and generates.
     _on_signal.fired = False  # type: ignore[attr-defined]
-    for s in (signal.SIGINT, signal.SIGTERM):
+    for s in _SIGNALS:
         signal.signal(s, _on_signal)
     try:
-        app(prog_name="twotower")
-    except (_Interrupted, KeyboardInterrupt):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, signal.SIG_IGN)  # a second signal must not cut this message short
-        print("interrupted: rows committed so far are kept; rerun the same command to resume", file=sys.stderr)
+        try:
+            app(prog_name="twotower")
+        finally:
+            _on_signal.fired = True  # type: ignore[attr-defined]  # from here on a signal changes nothing
+    except (_Interrupted, KeyboardInterrupt):  # a signal between the command's end and here
+        print(INTERRUPTED, file=sys.stderr, flush=True)
         raise SystemExit(EXIT_INTERRUPTED) from None
+    finally:
+        _forget_caught_keyboard_interrupts()
