@@ -138,6 +138,10 @@ OutputFormat = Annotated[str | None, typer.Option(
 Overwrite = Annotated[bool, typer.Option(
     "--overwrite/--no-overwrite", rich_help_panel=IO,
     help="Start over in an output directory written with other settings (deletes its shards).")]
+RegenerateChanged = Annotated[bool, typer.Option(
+    "--regenerate-changed/--no-regenerate-changed", rich_help_panel=IO,
+    help="On resume, decode again the rows whose input changed under their id (their old rows are "
+         "removed from the shards first). Default: keep them and log each.")]
 FailOnError = Annotated[bool, typer.Option(
     "--fail-on-error/--no-fail-on-error", rich_help_panel=IO, help="Exit 4 when any row was rejected.")]
 Quiet = Annotated[bool, typer.Option(
@@ -190,6 +194,7 @@ class GenOptions:
     ar_score: bool | None = None  # None: where it is free (AR, speculative rows)
     log_every: float = DEFAULT_LOG_EVERY_S  # no terminal: a progress line this often (seconds)
     format: str | None = None  # parquet, jsonl, openai (None: parquet, or jsonl with -o -)
+    regenerate_changed: bool = False
 
     def __post_init__(self) -> None:
         if self.format is not None and self.format not in FORMATS:

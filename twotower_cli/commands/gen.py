@@ -108,7 +108,7 @@ def plan(run: GenOptions, decode: DecodeParams, placement: Placement, scale: Sca
         max_batch_tokens=run.max_batch_tokens, rows_per_shard=run.rows_per_shard,
         prompt_field=run.prompt_field, id_field=run.id_field, limit=run.limit,
         overwrite=run.overwrite, partition=partition, ar_score=run.ar_score, dtype=placement.dtype,
-        format=run.output_format,
+        format=run.output_format, regenerate_changed=run.regenerate_changed,
     )
 
 
