@@ -37,6 +37,13 @@ every row group, page checksums; JSON lines: every line decodes to a valid recor
 ends with a newline) with the row count the manifest records for it; otherwise it is moved aside
 as `.NAME.corrupt` and its rows are redone.
 
+Retraction (`RunDir.retract`, for --regenerate-changed): committed rows of earlier runs can be
+removed so that new versions of them are written. A shard is rewritten without them in place
+(its .tmp, then a rename over it), and the manifest holds a `"rewrites": {shard: [old_rows,
+new_rows]}` record around the rename, so that recovery accepts the shard with either count
+instead of setting it aside; a shard left empty is unlinked once the manifest no longer lists it.
+Orphans (`RunDir.orphans`): committed rows whose key no input row of this run asked for.
+
 Partitioned runs (job arrays: `--num-shards N --shard-index I`, see io.partition). Each of the N
 tasks writes the same directory under names tagged `s<I>-of-<N>`, so it has its own of everything:
 
@@ -87,7 +94,7 @@ from .schema import (
     output_schema,
     sample_key,
 )
-from .writer import ErrorLog, ShardInfo, ShardWriter
+from .writer import ErrorLog, ShardInfo, ShardWriter, _ParquetShard, describe_key
 
 # ---- names ----------------------------------------------------------------------------------------
 
@@ -342,6 +349,7 @@ class RunDir:
         self.manifest_path = self.out_dir / self.layout.manifest
         self.notes: list[str] = []
         self.done_ids = DoneSet()
+        self._shard_groups: dict[str, list[int]] = {}  # committed shard found at open -> its DoneSet groups
         self.rejected_again: list[PromptRow] = []  # set by the run loop (pipeline.first_to_do)
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -413,6 +421,55 @@ class RunDir:
         """For a row key (io.schema.sample_key) committed by an earlier run: its row's input hash
         (0: not recorded); None for any other key (see DoneSet.lookup)."""
         return self.done_ids.lookup(key)
+
+    def orphans(self) -> Iterator[tuple[str, int]]:
+        """(id, sample_index) of every row committed by an earlier run whose key no
+        `committed_input` (or `is_done`) of this run asked for: rows whose input row is gone (or
+        whose sample index is now out of range). Meaningful once the whole input has been read.
+        Rows committed by this process never are. Lazy: read from their shards, a row group (or
+        LINE_GROUP_ROWS lines) at a time."""
+        for key in self.done_ids.orphans():
+            yield split_key(key)
+
+    def orphan_count(self) -> int:
+        """How many rows `orphans` yields (without reading any shard)."""
+        return self.done_ids.orphan_count()
+
+    def retract(self, keys: Iterable[str]) -> int:
+        """Remove the committed rows with these keys (io.schema.sample_key) from their shards, so
+        that new versions of them can be written (`add`): exactly once per key at every instant a
+        crash can happen. Returns the number of rows removed (a key committed in no shard of this
+        layout, another partition task's included, is skipped). A key written by this process
+        (committed or in the open shard) raises ValueError before anything is changed: only the
+        rows of earlier runs can be retracted.
+
+        Each affected shard is rewritten once per call, without those rows, in place: the filtered
+        copy goes to its `.tmp` name (same format and schema, key-value metadata and fingerprint
+        included; Parquet with the writer's settings, each row group keeping its remaining rows;
+        JSON lines byte for byte), is fsynced, and replaces the shard (os.replace, then the
+        directory is fsynced). Before that rename the manifest records `"rewrites": {shard:
+        [old_rows, new_rows]}`; after it, the shard's entry gets its new counts and the record
+        goes. Recovery accepts a shard with either count of a pending record (the manifest's own
+        count would refuse it and set it aside), so a crash before the rename leaves the old
+        shard, its rows still committed (the next run finds them changed again and retracts them
+        again; its .tmp is removed at open), and one after it leaves the rows removed, not done.
+        A shard left with no row is removed instead: the manifest stops listing it (with a record
+        [old_rows, 0]) before it is unlinked, and recovery accepts it present or missing.
+        After this returns, the keys are not done (`is_done`, `committed_input`: None; the writer
+        takes them again) and `rows_committed` and the manifest count the rows left."""
+        drop = set(keys)
+        for key in drop:
+            if self.writer.is_pending(key) or self.done_ids.added_here(key):
+                raise ValueError(f"{describe_key(key)} was written by this run; only rows of earlier runs can be "
+                                 "retracted")
+        shard_of = {g: name for name, gs in self._shard_groups.items() for g in gs}
+        plan: dict[str, tuple[set[str], list[int]]] = {}
+        for key in drop:
+            for entry, group in self.done_ids.entries(key):
+                ks, es = plan.setdefault(shard_of[group], (set(), []))
+                ks.add(key)
+                es.append(entry)
+        return sum(self._rewrite(name, *plan[name]) for name in sorted(plan))
 
     def was_rejected(self, row: PromptRow) -> bool:
         """An earlier run of this directory (same fingerprint) rejected this very row."""
@@ -614,21 +671,27 @@ class RunDir:
     def _recover_shards(self) -> None:
         """Rebuild done ids from this layout's committed shards; reconcile the manifest's shard list."""
         listed = {s["name"]: s for s in self._manifest.get("shards", [])}
+        rewrites = _pending_rewrites(self._manifest.pop("rewrites", None))  # a retraction cut short
         rx = self.layout.shard_re
         present = sorted(e for e in os.listdir(self.out_dir) if rx.match(e))
-        indices = [int(m.group(1)) for n in (*present, *listed) if (m := rx.match(n))]
+        indices = [int(m.group(1)) for n in (*present, *listed, *rewrites) if (m := rx.match(n))]
         self._next_index = max(indices, default=-1) + 1
         shards = []
         expected = output_schema(extra=self.extra_fields).remove_metadata()
         for name in present:
             path = self.out_dir / name
             recorded = listed.get(name, {}).get("rows")
+            pending = rewrites.get(name)
             try:
                 if self.format in LINE_FORMATS:
                     groups, rows = _verify_lines(path, self.format, self.extra_fields)
                 else:
                     groups, rows = _verify_shard(path, expected)
-                if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded != rows:
+                if pending is not None:  # rewritten or not: either count is a committed state
+                    if rows not in pending:
+                        raise ValueError(f"it has {rows} rows, {self.manifest_path.name} records a rewrite "
+                                         f"from {pending[0]} to {pending[1]}")
+                elif isinstance(recorded, int) and not isinstance(recorded, bool) and recorded != rows:
                     raise ValueError(f"it has {rows} rows, {self.manifest_path.name} records {recorded}")
             except (pa.ArrowException, OSError, KeyError, ValueError) as e:
                 aside = path.with_name(Layout.corrupt(name))
@@ -638,15 +701,24 @@ class RunDir:
                 why = " ".join(str(e).split())[:200]
                 self.notes.append(f"{name} does not read whole ({why}); moved to {aside.name}, its rows will be redone")
                 continue
-            for group, hashes, inputs in groups:
-                self.done_ids.add_group(group, hashes, inputs)
-            if name not in listed:
+            self._shard_groups[name] = [self.done_ids.add_group(group, hashes, inputs)
+                                        for group, hashes, inputs in groups]
+            if pending is not None:
+                old, new = pending
+                self.notes.append(f"{name}: an interrupted retraction of {old - new} row(s) " + (
+                    "was completed" if rows == new != old else "did not happen; they stay committed"))
+            elif name not in listed:
                 self.notes.append(f"adopted {name}, committed just before an interruption")
             shards.append({"name": name, "rows": rows, "bytes": path.stat().st_size})
         self.done_ids.freeze()
         dupes = self.done_ids.duplicates
-        for name in sorted(set(listed) - set(present)):
-            self.notes.append(f"{name} is listed in {self.manifest_path.name} but missing; its rows will be redone")
+        for name in sorted((set(listed) | set(rewrites)) - set(present)):
+            if rewrites.get(name, (0, None))[1] == 0:
+                self.notes.append(f"removed {name}: an interrupted retraction of its {rewrites[name][0]} row(s) "
+                                  "was completed")
+            else:
+                self.notes.append(f"{name} is listed in {self.manifest_path.name} but missing; its rows will be "
+                                  "redone")
         if dupes:
             self.notes.append(f"{dupes} row(s) appear in more than one shard (files were copied in by hand?)")
         self._manifest["shards"] = shards
@@ -656,6 +728,128 @@ class RunDir:
         self.errors.sync()  # the manifest's `rejected` count never exceeds what is durable
         self._manifest["shards"].append({"name": info.name, "rows": info.rows, "bytes": info.bytes})
         self._save()
+
+    # ---- retraction (see `retract`) ---------------------------------------------------------------
+    def _rewrite(self, name: str, drop: set[str], entries: list[int]) -> int:
+        """Rewrite the committed shard `name` (one found at open) without its rows keyed `drop`,
+        whose DoneSet entries are `entries`. Returns the number of rows removed."""
+        path = self.out_dir / name
+        tmp = path.with_name(Layout.tmp(name))
+        groups = self._shard_groups[name]
+        m = self._manifest
+        shards = m["shards"]
+        try:
+            with writing(tmp):
+                if self.format in LINE_FORMATS:
+                    new_keys, old_rows, new_rows = self._filter_lines(path, tmp, groups, drop)
+                else:
+                    new_keys, old_rows, new_rows = self._filter_parquet(path, tmp, groups, drop)
+                if not new_rows:
+                    tmp.unlink()  # the shard goes: nothing to rename over it
+            if old_rows - new_rows != len(entries):
+                raise self._changed(path)
+            m.setdefault("rewrites", {})[name] = [old_rows, new_rows]
+            if not new_rows:  # listed no more before it is unlinked
+                m["shards"] = [s for s in shards if s["name"] != name]
+            self._save()  # the record: from here on, recovery accepts either count
+            with writing(path):
+                if new_rows:
+                    os.replace(tmp, path)  # the commit point
+                else:
+                    os.unlink(path)  # the commit point
+        except Exception:  # not BaseException: an interrupt just after the commit point must keep the record
+            tmp.unlink(missing_ok=True)
+            m["shards"] = shards
+            self._drop_rewrite(name)  # on disk it stays pending until the next save: either count is true
+            raise
+        self.done_ids.forget(entries)
+        for group, key in zip(groups, new_keys, strict=True):
+            self.done_ids.regroup(group, key)
+        if new_rows:
+            self._shard_groups[name] = [g for g, key in zip(groups, new_keys, strict=True) if key is not None]
+        else:
+            del self._shard_groups[name]
+        with writing(path):
+            fsync_dir(self.out_dir)
+        self._drop_rewrite(name)
+        for entry in m["shards"]:
+            if entry["name"] == name:
+                entry.update(rows=new_rows, bytes=path.stat().st_size)
+        self._save()
+        return old_rows - new_rows
+
+    def _drop_rewrite(self, name: str) -> None:
+        rewrites = self._manifest.get("rewrites", {})
+        rewrites.pop(name, None)
+        if not rewrites:
+            self._manifest.pop("rewrites", None)
+
+    def _changed(self, path: Path) -> RunDirError:
+        return RunDirError(f"{path} changed while this run had it open (do not edit a run directory in use); "
+                           "rerun to resume")
+
+    def _filter_parquet(self, path: Path, tmp: Path, groups: list[int],
+                        drop: set[str]) -> tuple[list[Any], int, int]:
+        """Copy Parquet shard `path` to `tmp` without the rows keyed `drop`, row group by row group
+        (one in memory at a time; a row group left empty is not written). Returns the new DoneSet
+        key of each of its groups (None: emptied), and the rows before and after."""
+        new_keys: list[Any] = []
+        old = new = written = 0
+        with pq.ParquetFile(path, page_checksum_verification=True, pre_buffer=False) as pf:
+            if pf.metadata.num_row_groups != len(groups):
+                raise self._changed(path)
+            out = _ParquetShard(tmp, pf.schema_arrow)  # the writer's settings; the shard's own metadata
+            try:
+                for rg, group in enumerate(groups):
+                    if self.done_ids.group_key(group) != (path, rg):
+                        raise self._changed(path)
+                    t = pf.read_row_group(rg, use_threads=False)
+                    ids, samples = t.column("id").to_pylist(), t.column("sample_index").to_pylist()
+                    keep = [n for n, (i, k) in enumerate(zip(ids, samples, strict=True))
+                            if sample_key(i, k) not in drop]
+                    old += t.num_rows
+                    if not keep:
+                        new_keys.append(None)
+                        continue
+                    if len(keep) < t.num_rows:
+                        t = t.take(_int_array(keep))
+                    out.write_table(t)
+                    new_keys.append((path, written))
+                    written += 1
+                    new += t.num_rows
+                out.commit()
+            except BaseException:
+                out.discard()
+                raise
+        return new_keys, old, new
+
+    def _filter_lines(self, path: Path, tmp: Path, groups: list[int],
+                      drop: set[str]) -> tuple[list[Any], int, int]:
+        """The same for a JSON-lines shard: the lines kept are copied byte for byte."""
+        new_keys: list[Any] = []
+        old = new = pos = 0
+        with open(path, "rb") as src, open(tmp, "wb") as dst:
+            for group in groups:
+                _, offset, nbytes, fmt = self.done_ids.group_key(group)
+                data = src.read(nbytes)
+                if offset != pos or len(data) != nbytes or not data.endswith(b"\n"):
+                    raise self._changed(path)
+                pos += nbytes
+                lines = [line + b"\n" for line in data.split(b"\n")[:-1]]
+                kept = [line for line in lines if line_key(line, fmt) not in drop]
+                old += len(lines)
+                new += len(kept)
+                if kept:
+                    start = dst.tell()
+                    dst.write(b"".join(kept))
+                    new_keys.append((path, start, dst.tell() - start, fmt))
+                else:
+                    new_keys.append(None)
+            if src.read(1):
+                raise self._changed(path)
+            dst.flush()
+            os.fsync(dst.fileno())
+        return new_keys, old, new
 
     def _save(self) -> None:
         m = self._manifest
@@ -736,6 +930,11 @@ def _verify_lines(path: Path, fmt: str, extra: Sequence[pa.Field]) -> tuple[Grou
     return groups, rows
 
 
+def _int_array(values: list[int]) -> pa.Array:
+    """An int64 Arrow array of `values` (from a buffer: pa.array of a list imports pandas)."""
+    return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(np.array(values, dtype=np.int64))])
+
+
 def _input_hash_values(values: list[str | None]) -> np.ndarray:
     """_input_hashes of a list (not through pa.array, which imports pandas where it is installed)."""
     out = np.zeros(len(values), dtype=np.uint64)
@@ -798,6 +997,16 @@ def _input_hashes(arr: pa.Array) -> np.ndarray:
 # ---- the done set ---------------------------------------------------------------------------------
 
 _ID_PERSON = b"twotower-done"
+_GONE = 1 << 31  # DoneSet entry flags, in the top bits of its row-group word
+_FOUND = 1 << 30
+_GROUP = _FOUND - 1  # the row-group index: the low 30 bits
+
+
+def split_key(key: str) -> tuple[str, int]:
+    """(id, sample_index) of a row key: the inverse of io.schema.sample_key (the id alone for
+    sample 0, `id + NUL + k` for sample k >= 1; ids never hold a NUL)."""
+    row_id, nul, k = key.partition("\x00")
+    return (row_id, int(k)) if nul else (key, 0)
 
 
 def id_hash(row_id: str) -> int:
@@ -826,14 +1035,21 @@ class DoneSet:
     not (nor the other way round: every committed id's hash is present). Ids committed by this
     process (`update`) go to a plain set: they are this run's work, not the backlog.
 
+    Two flags ride in the top bits of an entry's row-group word (so the budget stays 20 bytes):
+    FOUND, set by a confirmed `lookup` (every entry of that key), which is what tells the
+    committed rows whose key no input row asked for this run (`orphans`); and GONE, set by
+    `forget` when the row was removed from its shard (RunDir.retract): lookups skip it, `len`
+    drops it, and the key may be committed again (`update`).
+
     `load_group(key)` returns the row keys of a group added with `add_group(key, ...)` (by default
     key = (shard path, row group index) of a Parquet shard, or (shard path, byte offset, bytes,
-    format) of a JSON-lines one, read from the shard: `read_group_keys`).
+    format) of a JSON-lines one, read from the shard: `read_group_keys`). `regroup` changes a
+    group's key when its shard is rewritten (None: no row of it is left).
     """
 
     def __init__(self, load_group: Callable[[Any], list[str]] | None = None, cache_groups: int = 8):
         self._h = np.empty(0, dtype=np.uint64)
-        self._loc = np.empty(0, dtype=np.uint32)
+        self._loc = np.empty(0, dtype=np.uint32)  # the group index | _FOUND | _GONE
         self._inp = np.empty(0, dtype=np.uint64)
         self._keys: list[Any] = []
         self._pending: list[tuple[np.ndarray, np.ndarray, int]] = []
@@ -841,14 +1057,20 @@ class DoneSet:
         self._cache: OrderedDict[int, frozenset[str]] = OrderedDict()
         self._cache_groups = cache_groups
         self._new: set[str] = set()
+        self._dup = np.empty(0, dtype=np.int64)  # entries whose id an earlier entry (the one before) holds too
+        self._gone = 0
         self.duplicates = 0  # committed entries whose id was already committed (hand-copied shards)
 
-    def add_group(self, key: Any, hashes: np.ndarray, inputs: np.ndarray | None = None) -> None:
-        """Add the committed ids of one row group (their hashes); call freeze() when all are in."""
+    def add_group(self, key: Any, hashes: np.ndarray, inputs: np.ndarray | None = None) -> int:
+        """Add the committed ids of one row group (their hashes); call freeze() when all are in.
+        Returns the group's index (for `regroup`)."""
         if inputs is None:
             inputs = np.zeros(len(hashes), dtype=np.uint64)
+        if len(self._keys) > _GROUP:
+            raise ValueError(f"a done set holds at most {_GROUP + 1} groups")
         self._keys.append(key)
         self._pending.append((hashes, inputs, len(self._keys) - 1))
+        return len(self._keys) - 1
 
     def freeze(self) -> None:
         if not self._pending:
@@ -862,30 +1084,63 @@ class DoneSet:
         del h, loc, inp, order
         same = np.flatnonzero(self._h[1:] == self._h[:-1])
         # equal hashes: the same id in two shards, or (2^-64 odds) two ids that collide
-        self.duplicates = sum(1 for i in same if self._with_hash(i) & self._with_hash(i + 1))
+        self._dup = np.array([i + 1 for i in same if self._with_hash(i) & self._with_hash(i + 1)], dtype=np.int64)
+        self.duplicates = len(self._dup)
 
     def _with_hash(self, i: int) -> set[str]:
         h = int(self._h[i])
-        return {x for x in self._ids_of(int(self._loc[i])) if id_hash(x) == h}
+        return {x for x in self._ids_of(int(self._loc[i]) & _GROUP) if id_hash(x) == h}
 
     def lookup(self, row_id: str) -> int | None:
-        """Committed before this process: its input hash (0: unknown); otherwise None."""
+        """Committed before this process (and not forgotten since): its input hash (0: unknown),
+        and the key counts as found (not an orphan); otherwise None."""
+        hit = None
+        for i, _ in self.entries(row_id):
+            if hit is None:
+                hit = int(self._inp[i])
+            self._loc[i] |= _FOUND  # every copy of the key (a hand-copied shard holds one too)
+        return hit  # None also for a hash collision with another id: not done
+
+    def entries(self, row_id: str) -> list[tuple[int, int]]:
+        """The live committed entries of a key, as (entry, group index): confirmed against the
+        real ids of their groups; more than one only for a key committed in several shards."""
         if not len(self._h):
-            return None
+            return []
         h = np.uint64(id_hash(row_id))
         lo = int(np.searchsorted(self._h, h, "left"))
         if lo == len(self._h) or self._h[lo] != h:
-            return None
+            return []
         hi = int(np.searchsorted(self._h, h, "right"))
+        out = []
         for i in range(lo, hi):
-            if row_id in self._ids_of(int(self._loc[i])):
-                return int(self._inp[i])
-        return None  # a hash collision with another id: not done
+            loc = int(self._loc[i])
+            if not loc & _GONE and row_id in self._ids_of(loc & _GROUP):
+                out.append((i, loc & _GROUP))
+        return out
+
+    def forget(self, entries: Iterable[int]) -> None:
+        """The rows of these entries (from `entries`) were removed from their shards: their keys
+        are not done any more (every entry of a key must go at once)."""
+        idx = np.unique(np.fromiter(entries, dtype=np.int64))
+        if len(idx):
+            idx = idx[(self._loc[idx] & _GONE) == 0]
+            self._loc[idx] |= _GONE
+            self._gone += len(idx)
+
+    def group_key(self, group: int) -> Any:
+        """The key group `group` is read with (see `add_group`, `regroup`)."""
+        return self._keys[group]
+
+    def regroup(self, group: int, key: Any) -> None:
+        """Group `group` (an `add_group` index) is now read with `key` (None: it holds no row)."""
+        self._keys[group] = key
+        self._cache.pop(group, None)
 
     def _ids_of(self, loc: int) -> frozenset[str]:
         ids = self._cache.get(loc)
         if ids is None:
-            ids = frozenset(self._load_group(self._keys[loc]))
+            key = self._keys[loc]
+            ids = frozenset(self._load_group(key)) if key is not None else frozenset()
             self._cache[loc] = ids
             if len(self._cache) > self._cache_groups:
                 self._cache.popitem(last=False)
@@ -900,15 +1155,58 @@ class DoneSet:
         """Ids committed by this process."""
         self._new.update(ids)
 
+    def added_here(self, row_id: str) -> bool:
+        """Committed by this process (`update`)."""
+        return row_id in self._new
+
+    def _live_duplicates(self, flags: int = 0) -> int:
+        """Duplicate entries (see `duplicates`) that are not forgotten and have none of `flags`."""
+        if not len(self._dup):
+            return 0
+        return int(np.count_nonzero((self._loc[self._dup] & np.uint32(_GONE | flags)) == 0))
+
     def __len__(self) -> int:
-        return len(self._h) - self.duplicates + len(self._new)
+        return len(self._h) - self._gone - self._live_duplicates() + len(self._new)
+
+    def orphan_count(self) -> int:
+        """Committed keys (not forgotten) that no `lookup` found: see `orphans`."""
+        free = np.count_nonzero((self._loc & np.uint32(_GONE | _FOUND)) == 0)
+        return int(free) - self._live_duplicates(_FOUND)
+
+    def orphans(self) -> Iterator[str]:
+        """The committed keys (not forgotten) that no `lookup` found, each once, group by group:
+        read lazily from their groups (one group's keys at a time; the index keeps a list of the
+        orphans' hashes and groups while it runs). Keys committed by this process never are."""
+        free = np.flatnonzero((self._loc & np.uint32(_GONE | _FOUND)) == 0)
+        if not len(free):
+            return
+        groups = self._loc[free] & np.uint32(_GROUP)
+        order = np.argsort(groups, kind="stable")
+        groups, hashes = groups[order], self._h[free][order]
+        del free, order
+        starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+        ends = np.r_[starts[1:], len(groups)]
+        dup_hashes = set(self._h[self._dup].tolist())
+        seen: set[str] = set()  # the keys of duplicated entries, yielded once
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            key = self._keys[int(groups[a])]
+            ids = self._load_group(key) if key is not None else []
+            hs = id_hashes(ids)
+            for row_id, h, hit in zip(ids, hs.tolist(), np.isin(hs, hashes[a:b]).tolist()):
+                if not hit:
+                    continue
+                if h in dup_hashes:
+                    if row_id in seen:
+                        continue
+                    seen.add(row_id)
+                yield row_id
 
     def __iter__(self) -> Iterator[str]:
         """Every id, committed ones read back from their shards (for tests and tools: a run never
         iterates its done set)."""
         seen: set[str] = set()
         for key in self._keys:
-            for i in self._load_group(key):
+            for i in self._load_group(key) if key is not None else ():
                 if i not in seen:
                     seen.add(i)
                     yield i
@@ -933,6 +1231,15 @@ def read_group_keys(key: tuple[Any, ...]) -> list[str]:
         f.seek(offset)
         data = f.read(nbytes)
     return [line_key(line, fmt) for line in data.splitlines()]
+
+
+def _pending_rewrites(rec: Any) -> dict[str, tuple[int, int]]:
+    """The manifest's `rewrites` record ({shard: [old_rows, new_rows]}, see RunDir.retract), its
+    malformed entries left out (their shards are then checked against the shard list alone)."""
+    if not isinstance(rec, dict):
+        return {}
+    return {name: (v[0], v[1]) for name, v in rec.items()
+            if isinstance(v, list) and len(v) == 2 and all(type(x) is int and x >= 0 for x in v)}
 
 
 def _shard_format(m: dict[str, Any]) -> str:

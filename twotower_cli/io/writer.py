@@ -80,7 +80,8 @@ def describe_key(key: str) -> str:
 
 
 class _ParquetShard:
-    """An open Parquet shard file: zstd, one row group per write, page checksums."""
+    """An open Parquet shard file: zstd, one row group per write, page checksums. Also what
+    io.rundir rewrites a shard with (RunDir.retract), so every shard has the same settings."""
 
     def __init__(self, path: Path, schema: pa.Schema):
         self.path, self.schema = path, schema
@@ -88,6 +89,10 @@ class _ParquetShard:
 
     def write(self, rows: list[Any]) -> None:
         self._w.write_table(pa.Table.from_pylist(rows, schema=self.schema), row_group_size=len(rows))
+
+    def write_table(self, table: pa.Table) -> None:
+        """One row group of rows already in this shard's schema (io.rundir's rewrite of a shard)."""
+        self._w.write_table(table, row_group_size=table.num_rows)
 
     def commit(self) -> None:
         self._w.close()
