@@ -68,7 +68,7 @@ def main() -> None:
         p = DecodeParams(mode=mode, gamma=args.gamma, block_size=16, steps_per_block=16,
                          max_new_tokens=args.max_new_tokens)
 
-        def reqs(with_stop: bool) -> list[Request]:
+        def reqs(with_stop: bool, p: DecodeParams = p) -> list[Request]:
             return [Request(str(i), ids, p, stop=StopMatcher([stop], keep_special) if with_stop else None)
                     for i, ids in enumerate(prompts)]
 
@@ -77,7 +77,8 @@ def main() -> None:
         for name, rq, e in (("limit", reqs(False), set()), ("stop", reqs(True), set()), ("eos", reqs(False), eos)):
             out, wall, c = run(model, rq, e)
             outs[name] = out
-            row[name] = {"denoiser_steps": c["denoiser_calls"], "context_forwards": c["context_calls"] + c["prefill_calls"],
+            row[name] = {"denoiser_steps": c["denoiser_calls"],
+                         "context_forwards": c["context_calls"] + c["prefill_calls"],
                          "row_steps": sum(r.stats.steps for r in out.values()),
                          "tokens": sum(r.stats.completion_tokens for r in out.values()), "wall_s": round(wall, 3),
                          "stopped": sum(r.stats.finish_reason == "stop" for r in out.values())}
@@ -98,10 +99,11 @@ def main() -> None:
     for row in results:
         for name in ("limit", "stop", "eos"):
             r = row[name]
-            print(f"{row['mode']:12} {name:6} {r['row_steps']:>10} {r['denoiser_steps']:>12} {r['context_forwards']:>8} "
-                  f"{r['tokens']:>7} {r['stopped']:>8} {r['wall_s']:>7}")
+            print(f"{row['mode']:12} {name:6} {r['row_steps']:>10} {r['denoiser_steps']:>12} "
+                  f"{r['context_forwards']:>8} {r['tokens']:>7} {r['stopped']:>8} {r['wall_s']:>7}")
         print(f"{'':12} steps saved by the stop string: {row['steps_saved']:.1%}; wall limit/stop "
-              f"{row['wall_ratio_limit_over_stop']}x; stop rows = limit rows cut: {row['stop_rows_are_limit_rows_cut']}")
+              f"{row['wall_ratio_limit_over_stop']}x; "
+              f"stop rows = limit rows cut: {row['stop_rows_are_limit_rows_cut']}")
 
 
 if __name__ == "__main__":

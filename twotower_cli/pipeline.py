@@ -93,6 +93,7 @@ class RunConfig:
     ar_score: bool | None = None  # the AR score of each row: True all, False none, None AR/speculative rows
     dtype: str | None = None  # the model's compute dtype (None: the checkpoint's); part of the fingerprint
     format: str = "parquet"  # the committed shards (parquet, jsonl, openai), or the lines of a stream
+    regenerate_changed: bool = False  # decode again the rows whose input changed under their id (old rows removed)
 
 
 COUNTERS = ("prefill_calls", "prefill_tokens", "prefill_padded_tokens", "denoiser_calls", "context_calls")
@@ -118,7 +119,9 @@ class Progress:
     first_row_s: float | None = None  # from decode_started to the first committed row
     nothing_to_do: bool = False  # every row was done before: the model was never loaded
     output_closed: bool = False  # -o -: the reader of stdout went away (e.g. `| head`)
-    input_changed: int = 0  # rows done before whose input has changed since (kept, and logged)
+    input_changed: int = 0  # rows done before whose input has changed since (kept and logged, or regenerated)
+    regenerated: int = 0  # of those, rows decoded again (--regenerate-changed)
+    not_in_input: int = 0  # committed rows whose (id, sample) the input no longer has (kept, and logged)
 
 
 def fingerprint(cfg: RunConfig, extra_fields: Iterable[Any] = ()) -> dict[str, Any]:
@@ -136,7 +139,15 @@ def fingerprint(cfg: RunConfig, extra_fields: Iterable[Any] = ()) -> dict[str, A
 
 _INPUT_PERSON = b"twotower-input"
 INPUT_CHANGED = ("input changed since its row was committed under this id: the committed completion "
-                 "is kept (use another output directory, or --overwrite, to generate it again)")
+                 "is kept (rerun with --regenerate-changed to generate it again)")
+INPUT_CHANGED_REDONE = "input changed since its row was committed under this id: regenerated (--regenerate-changed)"
+
+
+def not_in_input(sample_index: int) -> str:
+    """The error record's reason for a committed row whose key the input no longer has."""
+    which = f"sample {sample_index} of this id" if sample_index else "this id"
+    return (f"{which} is committed but no longer in the input (its prompt or id was edited, or n lowered): "
+            "the row is kept in the output; delete it there, or use --overwrite to start over")
 
 
 def input_hash(row: PromptRow, defaults: DecodeParams) -> str:
@@ -369,10 +380,13 @@ def generate(cfg: RunConfig, decoder: Decoder | Callable[[], Decoder],
                 notes(n)
         sig = Signals(prog)
         inflight: dict[str, Inflight] = {}  # id -> the row admitted, its input hash and samples not yet committed
-        todo = admit(rows, rd, cfg.partition, prog, sig, defaults=cfg.defaults, inflight=inflight)
+        retract: set[str] | None = set() if cfg.regenerate_changed and stream is None else None
+        regenerated: set[str] = set()  # ids of the changed rows decoded again (to do, though logged before)
+        todo = admit(rows, rd, cfg.partition, prog, sig, defaults=cfg.defaults, inflight=inflight, retract=retract,
+                     regenerated=regenerated)
         try:
             with sig:  # reading up to the first row to do: a signal here stops the run (exit 3)
-                held = first_to_do(todo, rd)
+                held = first_to_do(todo, rd, regenerated)
             if not held and not prog.stopping:
                 prog.nothing_to_do = True
             elif not prog.stopping:
@@ -390,23 +404,30 @@ def generate(cfg: RunConfig, decoder: Decoder | Callable[[], Decoder],
                 prog.started = prog.decode_started = time.perf_counter()
                 with dec, Signals(prog) as sig:  # after the decoder starts: our handlers are the ones installed
                     items = dec.decode(_chain(held, todo), sig, rd.is_done)
-                    commit(items, rd, prog, cfg.commit_every_s, on_result, inflight)
+                    commit(items, rd, prog, cfg.commit_every_s, on_result, inflight, retract, regenerated)
         except KeyboardInterrupt:  # a signal while loading, or interruptible() cut a wait short: stop now
             prog.stopping = max(prog.stopping, 2)
         if prog.nothing_to_do:
             prog.rejected += len(getattr(rd, "rejected_again", ()))
         if prog.input_changed and notes:
-            notes(f"{prog.input_changed} row(s) done before have another input now under the same id; their "
-                  f"committed completions are kept and each is logged in {rd.errors_path.name} "
-                  "(use another output directory, or --overwrite, to generate them again)")
+            if prog.regenerated:
+                notes(f"{prog.input_changed} row(s) done before have another input now under the same id: "
+                      f"{prog.regenerated} regenerated (their old rows removed), each logged in {rd.errors_path.name}")
+            else:
+                notes(f"{prog.input_changed} row(s) done before have another input now under the same id; their "
+                      f"committed completions are kept and each is logged in {rd.errors_path.name} "
+                      "(rerun with --regenerate-changed to generate them again)")
         error = dec.error if dec is not None else None
         complete = not prog.stopping and error is None and rows.exhausted is True and not prog.output_closed
+        if complete and isinstance(rd, RunDir):
+            report_not_in_input(rd, prog, notes)
         prog.phase = "done"
         if on_result:
             on_result(prog)
         rd.close(complete=complete)
     out = summarize(cfg, prog, dec.counters if dec is not None else dict.fromkeys(COUNTERS, 0), rd.errors_path)
-    out.update(rows_input_changed=prog.input_changed)
+    out.update(rows_input_changed=prog.input_changed, rows_regenerated=prog.regenerated,
+               rows_not_in_input=prog.not_in_input)
     out.update(complete=complete, rows_in_output=rd.rows_committed, nothing_to_do=prog.nothing_to_do,
                input_exhausted=bool(rows.exhausted), model_load_s=prog.model_load_s, first_row_s=prog.first_row_s)
     if stream is not None:
@@ -418,14 +439,15 @@ def generate(cfg: RunConfig, decoder: Decoder | Callable[[], Decoder],
     return out
 
 
-def first_to_do(todo: Iterator[PromptRow], rd: RunDir | JsonlSink) -> list[PromptRow]:
+def first_to_do(todo: Iterator[PromptRow], rd: RunDir | JsonlSink,
+                regenerated: set[str] | frozenset[str] = frozenset()) -> list[PromptRow]:
     """Read `todo` up to its first row that is not a repeat of a row an earlier run rejected
     (which would be rejected again). Returns the rows read, that row last; [] when there is none
     (the repeats are then kept in `rd.rejected_again`)."""
     held: list[PromptRow] = []
     for r in todo:
         held.append(r)
-        if not rd.was_rejected(r):
+        if r.id in regenerated or not rd.was_rejected(r):
             return held
     rd.rejected_again = held
     return []
@@ -438,12 +460,16 @@ def _chain(held: list[PromptRow], rest: Iterator[PromptRow]) -> Iterator[PromptR
 
 def admit(rows: Iterable[PromptRow | RejectedRow], rd: RunDir | JsonlSink, partition: Partition | None, prog: Progress,
           signals: Signals, *, defaults: DecodeParams | None = None,
-          inflight: dict[str, Inflight] | None = None) -> Iterator[PromptRow]:
+          inflight: dict[str, Inflight] | None = None, retract: set[str] | None = None,
+          regenerated: set[str] | None = None) -> Iterator[PromptRow]:
     """The rows to decode: this task's, valid (the reader's rejects are logged here), with the
     samples not done yet (`PromptRow.samples`; a row with none left is skipped). Stops reading at
     the first signal. A sample committed by an earlier run whose input has changed since (same
     key, another input hash) is not decoded again but logged, and counted in `prog.input_changed`.
-    `inflight` gets each row admitted, by id, with its input hash (for its records, `commit`)."""
+    `inflight` gets each row admitted, by id, with its input hash (for its records, `commit`).
+    With `retract` (--regenerate-changed) a changed row is decoded again, every sample: the keys of
+    its committed rows go into `retract`, which `commit` removes from the shards before it writes
+    any new row (so a crash never leaves two rows under one key)."""
     defaults = defaults if defaults is not None else DecodeParams()
     check = isinstance(rd, RunDir)
     for r in rows:
@@ -474,9 +500,17 @@ def admit(rows: Iterable[PromptRow | RejectedRow], rd: RunDir | JsonlSink, parti
                 continue
             todo.append(k)
         if changed:
-            rd.reject(RejectedRow(r.line_no, r.id, INPUT_CHANGED, row_excerpt(r)))
             prog.input_changed += 1
-            continue  # its other samples would mix two inputs under one id: none is decoded
+            if retract is None:
+                rd.reject(RejectedRow(r.line_no, r.id, INPUT_CHANGED, row_excerpt(r)))
+                continue  # its other samples would mix two inputs under one id: none is decoded
+            rd.reject(RejectedRow(r.line_no, r.id, INPUT_CHANGED_REDONE, row_excerpt(r)))
+            prog.regenerated += 1
+            prog.skipped -= n - len(todo)  # counted as skipped above: every sample is decoded again
+            retract.update(sample_key(r.id, k) for k in range(n) if k not in todo)
+            todo = list(range(n))
+            if regenerated is not None:
+                regenerated.add(r.id)
         if not todo:
             continue
         if inflight is not None:
@@ -487,7 +521,8 @@ def admit(rows: Iterable[PromptRow | RejectedRow], rd: RunDir | JsonlSink, parti
 
 def commit(items: Iterable[Decoded | RejectedRow], rd: RunDir | JsonlSink, prog: Progress, commit_every_s: float,
            on_result: Callable[[Progress], None] | None,
-           inflight: dict[str, Inflight] | None = None) -> None:
+           inflight: dict[str, Inflight] | None = None, retract: set[str] | None = None,
+           regenerated: set[str] | None = None) -> None:
     """Write what a decoder delivers through the run directory or stream (the only writer),
     committing the open shard at least every `commit_every_s`. A stream whose reader went away
     (`-o - | head`) stops the run at once, like a second signal."""
@@ -502,6 +537,11 @@ def commit(items: Iterable[Decoded | RejectedRow], rd: RunDir | JsonlSink, prog:
             prog.rejected += 1
             continue
         record = item.record
+        if retract and (regenerated is None or record["id"] in regenerated):
+            # the old rows of regenerated inputs leave their shards before a new one is written
+            # (every key pending so far in one call: each affected shard is rewritten once)
+            rd.retract(sorted(retract))
+            retract.clear()
         got = inflight.get(record["id"]) if inflight is not None else None
         if got is not None:
             record = with_input(record, got.input_hash, got.row)
@@ -542,6 +582,21 @@ def with_input(record: dict[str, Any], in_hash: str, row: PromptRow) -> dict[str
     if row.metadata and out.get("metadata") is None:
         out["metadata"] = orjson.dumps(row.metadata, default=str).decode()
     return out
+
+
+def report_not_in_input(rd: RunDir, prog: Progress, notes: Callable[[str], None] | None) -> None:
+    """After a whole input was read: committed rows whose (id, sample) it no longer has are
+    counted, logged one by one in the errors sidecar, and named in one note; never deleted."""
+    n = rd.orphan_count()
+    if not n:
+        return
+    for row_id, k in rd.orphans():
+        rd.reject(RejectedRow(0, row_id, not_in_input(k), ""))
+    rd.sync_rejects()
+    prog.not_in_input = n
+    if notes:
+        notes(f"{n} committed row(s) are no longer in the input (edited prompt or id, or a lower n): kept, "
+              f"each logged in {rd.errors_path.name}")
 
 
 def summarize(cfg: RunConfig, prog: Progress, c: dict[str, int], errors_file: Path | None) -> dict[str, Any]:

@@ -252,7 +252,8 @@ def test_repetition_column_flags_a_looping_completion(ckpt, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["jsonl", "openai"])
 def test_line_formats_for_shards_and_stdout(ckpt, tmp_path, fmt):
-    rows = [{"id": "a", "prompt": "1+1="}, {"custom_id": "b", "body": {"messages": [{"role": "user", "content": "hi"}]}}]
+    chat = {"custom_id": "b", "body": {"messages": [{"role": "user", "content": "hi"}]}}
+    rows = [{"id": "a", "prompt": "1+1="}, chat]
     src = write_jsonl(tmp_path / "p.jsonl", rows)
     out = tmp_path / "out"
     gen(ckpt, str(src), "-o", str(out), "--format", fmt)

@@ -12,7 +12,7 @@ from test_loop import Echo, cfg_for, ids, source
 from twotower_cli.config import DecodeParams
 from twotower_cli.io.rundir import DoneSet, FingerprintMismatch, RunDir, id_hash, id_hashes
 from twotower_cli.io.schema import PromptRow
-from twotower_cli.pipeline import INPUT_CHANGED, generate, input_hash
+from twotower_cli.pipeline import INPUT_CHANGED, Decoded, generate, input_hash
 
 
 @pytest.mark.parametrize("change", [{"id_field": "key"}, {"prompt_field": "text"}, {"dtype": "bfloat16"}])
@@ -127,3 +127,78 @@ def test_done_set_counts_an_id_in_two_shards_once():
         d.add_group(k, id_hashes(v))
     d.freeze()
     assert d.duplicates == 1 and len(d) == 2 and sorted(d) == ["a", "b"]
+
+
+def _edit(src):
+    """r1's prompt changes, r2 gets a per-row override, r3 is removed, a new row comes first."""
+    lines = src.read_bytes().splitlines()
+    lines[1] = orjson.dumps({"id": "r1", "prompt": "p1 edited"})
+    lines[2] = orjson.dumps({"id": "r2", "prompt": "p2", "temperature": 0.7})
+    del lines[3]
+    src.write_bytes(b"\n".join([orjson.dumps({"id": "new", "prompt": "n"}), *lines]) + b"\n")
+
+
+def _rows(out):
+    return [r for p in sorted(out.glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
+
+
+def test_regenerate_changed_decodes_them_again_and_keeps_one_row_per_id(tmp_path):
+    src, out = source(tmp_path), tmp_path / "out"
+    generate(cfg_for(src, out), Echo())
+    _edit(src)
+    notes: list[str] = []
+    dec = Echo()
+    s = generate(cfg_for(src, out, regenerate_changed=True), dec, notes=notes.append)
+    assert s["rows_input_changed"] == 2 and s["rows_regenerated"] == 2
+    assert sorted(dec.pulled) == ["new", "r1", "r2", "r4"] and s["rows_written"] == 3  # r4: the decoder's reject
+    rows = _rows(out)
+    got = {r["id"]: r["completion"] for r in rows}
+    assert len(rows) == len(got)  # one row per id: the old rows left their shard first
+    assert got["r1"] == "P1 EDITED" and got["new"] == "N"
+    assert any("2 regenerated" in n for n in notes)
+    s = generate(cfg_for(src, out, regenerate_changed=True), Echo())  # their input hashes match now
+    assert s["nothing_to_do"] and s["rows_input_changed"] == 0
+
+
+def test_rows_no_longer_in_the_input_are_counted_logged_and_kept(tmp_path):
+    src, out = source(tmp_path), tmp_path / "out"
+    generate(cfg_for(src, out), Echo())
+    _edit(src)
+    notes: list[str] = []
+    s = generate(cfg_for(src, out, limit=3), Echo(), notes=notes.append)
+    assert s["rows_not_in_input"] == 0  # the input was not read whole: nothing can be said
+    s = generate(cfg_for(src, out), Echo(), notes=notes.append)
+    assert s["rows_not_in_input"] == 1 and any("no longer in the input" in n for n in notes)
+    recs = [orjson.loads(x) for x in (out / ".errors.jsonl").read_text().splitlines()]
+    gone = [r for r in recs if "no longer in the input" in r["reason"]]
+    assert [r["id"] for r in gone] == ["r3"]
+    assert "r3" in {r["id"] for r in _rows(out)}  # never deleted
+    s = generate(cfg_for(src, out), Echo())  # reported again, logged once
+    assert s["rows_not_in_input"] == 1
+    assert len((out / ".errors.jsonl").read_text().splitlines()) == len(recs)
+
+
+class Samples(Echo):
+    """Each admitted sample -> a record."""
+
+    def decode(self, rows, signals, is_done):
+        for r in rows:
+            for k in r.samples:
+                self.pulled.append((r.id, k))
+                yield Decoded({"id": r.id, "sample_index": k, "prompt": r.prompt, "completion": f"{r.prompt}#{k}",
+                               "completion_tokens": 1}, 1)
+
+
+def test_samples_resume_per_key_and_a_lower_n_leaves_orphans(tmp_path):
+    src, out = source(tmp_path), tmp_path / "out"
+    d3 = DecodeParams(temperature=1.0, n=3)
+    dec = Samples()
+    s = generate(cfg_for(src, out, defaults=d3), dec)
+    assert s["rows_written"] == 10 * 3 and len(set(dec.pulled)) == 30
+    dec = Samples()
+    s = generate(cfg_for(src, out, defaults=d3.replace(n=4)), dec)  # one more sample each
+    assert sorted({k for _, k in dec.pulled}) == [3] and s["rows_written"] == 10
+    s = generate(cfg_for(src, out, defaults=d3.replace(n=2)), Samples())
+    assert s["nothing_to_do"] and s["rows_not_in_input"] == 2 * 10  # samples 2 and 3 of every row
+    keys = [(r["id"], r["sample_index"]) for r in _rows(out)]
+    assert len(keys) == len(set(keys)) == 10 * 4
