@@ -319,3 +319,15 @@ def test_a_bad_header_is_still_refused(tmp_path):
     (a / "model.safetensors").write_bytes((1 << 40).to_bytes(8, "little") + b"{}")
     with pytest.raises(CheckpointError, match="bad header length"):
         fingerprint(a)
+
+
+def test_the_header_fingerprint_of_earlier_versions_is_kept_for_migration(tmp_path):
+    """`header_fingerprint` is the old value (run directories written before content fingerprints
+    carry it): blind to a same-shape retrain, which `fingerprint` sees."""
+    from twotower_cli.model.files import header_fingerprint
+
+    a = make_ckpt(tmp_path / "a")
+    b = make_ckpt(tmp_path / "b", values=(9.0, 2.0, 3.0, 4.0))
+    assert header_fingerprint(a) == header_fingerprint(b) and len(header_fingerprint(a)) == 16
+    assert fingerprint(a) != fingerprint(b)
+    assert header_fingerprint(a) != fingerprint(a)
