@@ -1,6 +1,8 @@
-"""An adversarial pass over `twotower gen` (issue: hardening, part A): bad inputs and flag values,
-each giving a documented exit code, one line on stderr (never a traceback), and every good row
-written exactly once. In-process cases use typer's CliRunner; signal cases are real processes (slow)."""
+"""An adversarial pass over `twotower gen` (issue: hardening, parts A and B): bad inputs, flag values,
+files, directories, checkpoints and environment, each giving a documented exit code, one line on
+stderr (never a traceback), and every good row written exactly once. In-process cases use typer's
+CliRunner; signal cases are real processes (slow; the phase-by-phase ones are in test_signals.py).
+A case that exposes an open bug in a file of another layer is a strict xfail naming the fix."""
 
 from __future__ import annotations
 
@@ -25,10 +27,17 @@ from twotower_cli.cli import app
 from twotower_cli.config import DecodeParams
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ENV_FIXED = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # over os.environ, read when a test runs
 FAST = ["--block", "4", "--max-new-tokens", "6", "--max-batch-rows", "8", "-q"]
 runner = CliRunner()
 GOOD = [{"id": f"g{i}", "prompt": f"{i}+{i}="} for i in range(4)]
+
+
+@pytest.fixture(autouse=True)
+def _private_digest_cache(tmp_path, monkeypatch):
+    """The checkpoint fingerprint caches weight digests per user: never in the real home of whoever
+    runs the tests (subprocesses inherit it through os.environ)."""
+    monkeypatch.setenv("TWOTOWER_CACHE_DIR", str(tmp_path / "digest-cache"))
 
 
 def invoke(model_dir: Path, *args: str, input: bytes | None = None):
@@ -437,7 +446,7 @@ def test_signal_at_start_up_exits_3_one_line(model_dir, tmp_path, sig):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "twotower_cli", "gen", "-", "-o", str(out), "--model",
                              str(model_dir), "-q"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=ENV, cwd=ROOT)
+                            stderr=subprocess.PIPE, env={**os.environ, **ENV_FIXED}, cwd=ROOT)
     time.sleep(3.0)  # imports done, blocked reading stdin
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
@@ -450,15 +459,15 @@ def test_signal_at_start_up_exits_3_one_line(model_dir, tmp_path, sig):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("delays", [(0.15, 0.3, 0.6)], ids=["start-up"])
-# (A SIGTERM ~1 s in, while the model loads, was once seen to end the process by SIGINT after the
-# "interrupted" line: an open bug, in the closing note; no xfail test stands in for it.)
+# (A SIGTERM while the model loads once ended the process by SIGINT after the "interrupted" line:
+# a KeyboardInterrupt caught inside exec()'d code; fixed in cli.main, see test_signals.py.)
 def test_signal_at_the_first_moments_exits_3(model_dir, tmp_path, delays):
     """Signals at several moments of start-up, before and after `main`: never 143, never a traceback."""
     src = jsonl(tmp_path / "p.jsonl", GOOD)
     for i, delay in enumerate(delays):
         proc = subprocess.Popen([sys.executable, "-m", "twotower_cli", "gen", str(src), "-o", str(tmp_path / f"o{i}"),
                                  "--model", str(model_dir), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=ENV, cwd=ROOT)
+                                env={**os.environ, **ENV_FIXED}, cwd=ROOT)
         time.sleep(delay)
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
@@ -466,3 +475,588 @@ def test_signal_at_the_first_moments_exits_3(model_dir, tmp_path, delays):
             continue  # finished before the signal
         assert proc.returncode == 3, (delay, stderr.decode())
         assert "Traceback" not in stderr.decode()
+
+
+# ---- flags that do not parse: one line, exit 2, nothing touched (part B) ------------------------------
+
+USAGE_CASES = {
+    "unknown-option": (["--nope"], "no such option: --nope"),
+    "missing-out": (["__NO_OUT__"], "missing option '--out'"),
+    "out-without-value": (["-o"], "requires an argument"),
+    "temperature-not-a-number": (["--temperature", "abc"], "'--temperature'"),
+    "limit-junk": (["--limit", "12x"], "'--limit'"),
+    "limit-negative": (["--limit", "-1"], "'--limit'"),
+    "max-new-tokens-fraction": (["--max-new-tokens", "1.5"], "'--max-new-tokens'"),
+    "gamma-fullwidth-digits": (["--gamma", "\uff10.\uff15"], "'--gamma'"),
+    "max-batch-rows-zero": (["--max-batch-rows", "0"], "'--max-batch-rows'"),
+    "extra-argument": (["extra"], "unexpected extra argument"),
+    "out-with-nul": (["-o", "out\x00x"], "null byte"),
+    "model-with-nul": (["--model", "m\x00"], "null byte"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USAGE_CASES))
+def test_flag_parse_errors_are_one_line_exit_2(tmp_path, monkeypatch, case):
+    flags, words = USAGE_CASES[case]
+    monkeypatch.chdir(tmp_path)
+    src = jsonl(tmp_path / "p.jsonl", GOOD)
+    if flags == ["__NO_OUT__"]:
+        args = ["gen", str(src)]
+    elif flags == ["-o"]:
+        args = ["gen", str(src), "-o"]
+    else:
+        args = ["gen", str(src), "-o", str(tmp_path / "out"), *flags]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, (r.stdout, r.stderr)
+    line = one_line_error(r.stderr, words)
+    assert line.endswith("; see 'twotower gen --help'") or line.endswith("; see 'twotower --help'"), line
+    assert "╭" not in r.stderr and "Usage:" not in r.stderr and r.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]  # nothing created
+
+
+@pytest.mark.parametrize("args", [["nocmd"], ["--nope"]], ids=["unknown-command", "unknown-root-option"])
+def test_root_usage_errors_are_one_line(args):
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2
+    assert one_line_error(r.stderr).endswith("; see 'twotower --help'")
+
+
+@pytest.mark.parametrize("args", [[], ["gen"], ["stats"]], ids=["bare", "gen", "stats"])
+def test_no_arguments_show_the_help_exit_0(args):
+    """Bare `twotower` (or a command without its arguments) is a request for help, not an error."""
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.lstrip().startswith(f"Usage: twotower {' '.join(args)}".rstrip()) and r.stderr == ""
+
+
+# ---- rows: more values of the wrong kind (each rejected with a reason, the good rows once) ------------
+
+MORE_BAD_ROWS = {
+    "gamma-1e999": (b'{"id": "x", "prompt": "1+1=", "gamma": 1e999}', "malformed JSON"),
+    "gamma-minus-infinity": (b'{"id": "x", "prompt": "1+1=", "gamma": -Infinity}', "malformed JSON"),
+    "max-new-tokens-10^29": (b'{"id": "x", "prompt": "1+1=", "max_new_tokens": 100000000000000000000000000000}',
+                             "max_new_tokens must be a positive integer"),
+    "seed-2^64": (b'{"id": "x", "prompt": "1+1=", "seed": 18446744073709551616}', "seed must be a non-negative"),
+    "id-10^29": (b'{"id": 100000000000000000000000000000, "prompt": "1+1="}', "'id' must be a string or an integer"),
+    "id-bool": (b'{"id": true, "prompt": "1+1="}', "'id' must be a string or an integer, got bool"),
+    "id-float": (b'{"id": 3.0, "prompt": "1+1="}', "'id' must be a string or an integer"),
+    "max-new-tokens-bool": (b'{"id": "x", "prompt": "1+1=", "max_new_tokens": true}', "max_new_tokens must be"),
+    "temperature-string": (b'{"id": "x", "prompt": "1+1=", "temperature": "0.5"}', "temperature must be"),
+    "lone-low-surrogate": (b'{"id": "x", "prompt": "\\udc00"}', "malformed JSON"),
+    "top-level-array": (b'[{"id": "x", "prompt": "1+1="}]', "not a JSON object"),
+    "messages-empty-list": (b'{"id": "x", "messages": []}', "'messages' must be a non-empty list"),
+    "messages-a-string": (b'{"id": "x", "messages": "hi"}', "'messages' must be a non-empty list"),
+    "message-without-role": (b'{"id": "x", "messages": [{"content": "hi"}]}', "messages[0]"),
+    "message-role-a-number": (b'{"id": "x", "messages": [{"role": 5, "content": "hi"}]}', "messages[0]"),
+    "prompt-and-messages": (b'{"id": "x", "prompt": "1+1=", "messages": [{"role": "user", "content": "x"}]}',
+                            "both 'prompt' and 'messages'"),
+    "prompt-null": (b'{"id": "x", "prompt": null}', "missing 'prompt' or 'messages'"),
+    "mode-wrong-case": (b'{"id": "x", "prompt": "1+1=", "mode": "AR"}', "mode must be one of"),
+    "line-over-16-MiB": (b'{"id": "x", "prompt": "' + b"a" * (16 << 20) + b'"}', "line longer than"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MORE_BAD_ROWS))
+def test_more_bad_rows(model_dir, tmp_path, case):
+    bad, words = MORE_BAD_ROWS[case]
+    src = jsonl(tmp_path / "p.jsonl", [orjson.dumps(GOOD[0]), bad, orjson.dumps(GOOD[1])])
+    out = tmp_path / "out"
+    r = invoke(model_dir, str(src), "-o", str(out))
+    assert r.exit_code == 0, r.stderr
+    assert sorted(out_ids(out)) == ["g0", "g1"]
+    (e,) = errors_of(out).values()
+    assert e["line_no"] == 2 and words in e["reason"], e
+    r = invoke(model_dir, str(src), "-o", str(out))  # the rerun: nothing twice
+    assert r.exit_code == 0 and sorted(out_ids(out)) == ["g0", "g1"] and len(errors_of(out)) == 1
+
+
+# ---- odd but valid inputs: read as documented, each row once ------------------------------------------
+
+ODD_BUT_VALID = {
+    # JSON leaves duplicate names undefined; like most parsers the last one wins (decided, not by chance)
+    "duplicate-keys": (b'{"id": "a", "prompt": "0+0=", "prompt": "1+1="}\n{"id": "b", "id": "c", "prompt": "2+2="}\n',
+                       {"a": "1+1=", "c": "2+2="}),
+    "crlf-line-endings": (b'{"id": "a", "prompt": "1+1="}\r\n{"id": "b", "prompt": "2+2="}\r\n\r\n',
+                          {"a": "1+1=", "b": "2+2="}),
+    "utf8-bom": (b'\xef\xbb\xbf{"id": "a", "prompt": "1+1="}\n{"id": "b", "prompt": "2+2="}\n',
+                 {"a": "1+1=", "b": "2+2="}),
+    "no-final-newline": (b'{"id": "a", "prompt": "1+1="}\n{"id": "b", "prompt": "2+2="}', {"a": "1+1=", "b": "2+2="}),
+    "nul-in-prompt": (b'{"id": "a", "prompt": "1\\u00001="}\n', {"a": "1\x001="}),
+    "surrogate-pair-escape": (b'{"id": "a", "prompt": "\\ud83d\\ude00="}\n', {"a": "\U0001f600="}),
+    "id-100k-chars": (b'{"id": "' + b"i" * 100_000 + b'", "prompt": "1+1="}\n', {"i" * 100_000: "1+1="}),
+    "id-with-newline": (b'{"id": "a\\nb", "prompt": "1+1="}\n', {"a\nb": "1+1="}),
+    "unknown-nested-field": (b'{"id": "a", "prompt": "1+1=", "zz_extra": {"deep": [1, [2, {"x": null}]]}}\n',
+                             {"a": "1+1="}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ODD_BUT_VALID))
+def test_odd_but_valid_inputs(model_dir, tmp_path, case):
+    data, expect = ODD_BUT_VALID[case]
+    src = tmp_path / "p.jsonl"
+    src.write_bytes(data)
+    out = tmp_path / "out"
+    r = invoke(model_dir, str(src), "-o", str(out))
+    assert r.exit_code == 0, r.stderr
+    got = {row["id"]: row["prompt"] for p in sorted(out.glob("part-*.parquet"))
+           for row in pq.read_table(p, columns=["id", "prompt"]).to_pylist()}
+    assert got == expect and not errors_of(out)
+    r = invoke(model_dir, str(src), "-o", str(out))
+    assert r.exit_code == 0 and summary(r.stdout)["rows_written"] == 0 and len(out_ids(out)) == len(expect)
+
+
+def test_rows_without_ids_get_the_same_ids_on_a_rerun(model_dir, tmp_path):
+    src = jsonl(tmp_path / "p.jsonl", [{"id": None, "prompt": "1+1="}, {"prompt": "1+1="}, {"prompt": "2+2="}])
+    out = tmp_path / "out"
+    assert invoke(model_dir, str(src), "-o", str(out)).exit_code == 0
+    first = sorted(out_ids(out))
+    assert len(first) == len(set(first)) == 3 and all(i.startswith("h-") for i in first)
+    r = invoke(model_dir, str(src), "-o", str(out))
+    assert summary(r.stdout)["rows_written"] == 0 and sorted(out_ids(out)) == first
+
+
+# ---- input files of the wrong kind -------------------------------------------------------------------
+
+
+def test_zero_row_parquet_is_complete_and_writes_nothing(model_dir, tmp_path):
+    src = tmp_path / "zero.parquet"
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "prompt": pa.array([], pa.string())}), src)
+    out = tmp_path / "out"
+    r = invoke(model_dir, str(src), "-o", str(out))
+    assert r.exit_code == 0, r.stderr
+    s = summary(r.stdout)
+    assert s["rows_written"] == 0 and s["complete"] and out_ids(out) == []
+
+
+def test_parquet_without_a_prompt_column_is_one_line(model_dir, tmp_path):
+    src = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"text": ["1+1=", "2+2="]}), src)
+    r = invoke(model_dir, str(src), "-o", str(tmp_path / "out"))
+    assert r.exit_code == 2
+    one_line_error(r.stderr, "no 'prompt' or 'messages' column", "--prompt-field")
+
+
+def test_jsonl_named_parquet_is_one_line(model_dir, tmp_path):
+    src = jsonl(tmp_path / "lies.parquet", GOOD)
+    r = invoke(model_dir, str(src), "-o", str(tmp_path / "out"))
+    assert r.exit_code == 2
+    one_line_error(r.stderr, "lies.parquet", "not a readable Parquet")
+
+
+@pytest.mark.parametrize("kind", ["parquet-named-jsonl", "plain-named-gz"])
+def test_content_decides_the_format_over_the_name(model_dir, tmp_path, kind):
+    if kind == "parquet-named-jsonl":
+        src = tmp_path / "p.jsonl"
+        pq.write_table(pa.table({"id": [g["id"] for g in GOOD], "prompt": [g["prompt"] for g in GOOD]}), src)
+    else:
+        src = jsonl(tmp_path / "p.jsonl.gz", GOOD)
+    out = tmp_path / "out"
+    r = invoke(model_dir, str(src), "-o", str(out))
+    assert r.exit_code == 0, r.stderr
+    assert sorted(out_ids(out)) == [g["id"] for g in GOOD]
+
+
+def test_gzip_with_trailing_garbage_keeps_its_rows(model_dir, tmp_path):
+    src = tmp_path / "p.jsonl.gz"
+    src.write_bytes(gzip.compress(b"".join(orjson.dumps(g) + b"\n" for g in GOOD)) + b"garbage")
+    out = tmp_path / "out"
+    r = invoke(model_dir, str(src), "-o", str(out))
+    assert r.exit_code == 2
+    one_line_error(r.stderr, "p.jsonl.gz", f"the {len(GOOD)} row(s) read before it were kept")
+    assert sorted(out_ids(out)) == [g["id"] for g in GOOD]
+
+
+@pytest.mark.parametrize("kind", ["utf16", "random-bytes", "cr-only-line-ends"])
+def test_undecodable_files_reject_rows_never_crash(model_dir, tmp_path, kind):
+    src = tmp_path / "p.jsonl"
+    if kind == "utf16":
+        src.write_bytes("".join(json.dumps(g) + "\n" for g in GOOD).encode("utf-16"))
+    elif kind == "random-bytes":
+        import random
+
+        src.write_bytes(random.Random(5).randbytes(20_000))
+    else:  # classic Mac line ends: one line for JSONL, which cannot be a JSON object
+        src.write_bytes(b"".join(orjson.dumps(g) + b"\r" for g in GOOD))
+    out = tmp_path / "out"
+    r = invoke(model_dir, str(src), "-o", str(out))
+    assert r.exit_code == 0, r.stderr
+    assert out_ids(out) == [] and summary(r.stdout)["rows_rejected"] == len(errors_of(out)) > 0
+
+
+def _fifo_run(model_dir: Path, tmp_path: Path):
+    import threading
+
+    data = b"".join(orjson.dumps(g) + b"\n" for g in GOOD)
+    fifo = tmp_path / "p.jsonl"
+    os.mkfifo(fifo)
+
+    def writer():
+        with open(fifo, "wb") as f:
+            f.write(data)
+
+    threading.Thread(target=writer, daemon=True).start()
+    out = tmp_path / "out"
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=invoke(model_dir, str(fifo), "-o", str(out))), daemon=True)
+    t.start()
+    t.join(15)
+    hung = t.is_alive()
+    while t.is_alive():  # a reader waiting for a writer that already left: open and close one (EOF)
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # ENXIO: nobody has it open for reading right now
+            pass
+        t.join(1)
+    return hung, result["r"], out
+
+
+@pytest.mark.xfail(strict=True, reason="commands/gen.py count_input_rows reads a FIFO to its end (the input is "
+                   "gone, then the reader waits forever for a writer), and io/reader.py _open_records seeks "
+                   "(a FIFO, /dev/stdin or <(zcat ...) is refused: not seekable); fix: count regular files "
+                   "only, and read any non-regular file as stdin is read (peek, no seek)")
+def test_fifo_as_input_reads_every_row_once(model_dir, tmp_path):
+    hung, r, out = _fifo_run(model_dir, tmp_path)
+    assert not hung, "the run hung on the FIFO"
+    assert r.exit_code == 0, r.stderr
+    assert sorted(out_ids(out)) == [g["id"] for g in GOOD]
+
+
+def _rows_with_a_hook(monkeypatch, after_first):
+    """The run's reader, with `after_first()` called once the first row has been read."""
+    import twotower_cli.pipeline as pipeline
+
+    real = pipeline.read_rows
+
+    class Hooked:
+        def __init__(self, rows):
+            self._rows, self._n = rows, 0
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            row = next(self._rows)
+            self._n += 1
+            if self._n == 1:
+                after_first()
+            return row
+
+        def __getattr__(self, name):
+            return getattr(self._rows, name)
+
+    monkeypatch.setattr(pipeline, "read_rows", lambda *a, **k: Hooked(real(*a, **k)))
+
+
+def test_input_deleted_mid_read_is_read_to_its_end(model_dir, tmp_path, monkeypatch):
+    """An open file outlives its name: every row is still read, once."""
+    rows = [{"id": f"d{i}", "prompt": f"{i}+2="} for i in range(40)]
+    src = jsonl(tmp_path / "p.jsonl", rows)
+    _rows_with_a_hook(monkeypatch, src.unlink)
+    out = tmp_path / "out"
+    r = invoke(model_dir, str(src), "-o", str(out))
+    assert r.exit_code == 0, r.stderr
+    assert not src.exists() and sorted(out_ids(out)) == sorted(x["id"] for x in rows)
+
+
+def test_input_truncated_mid_read_keeps_what_was_read_and_resumes(model_dir, tmp_path, monkeypatch):
+    """Shrunk under the reader (8 MiB of blank lines keep the tail out of its first buffer): the rows
+    read are kept; once the file is restored, the rerun does the rest, each row once."""
+    head = [orjson.dumps({"id": f"a{i}", "prompt": f"{i}+3="}) + b"\n" for i in range(3)]
+    tail = [orjson.dumps({"id": f"z{i}", "prompt": f"{i}+4="}) + b"\n" for i in range(3)]
+    data = b"".join(head) + b" \n" * (4 << 20) + b"".join(tail)
+    src = tmp_path / "p.jsonl"
+    src.write_bytes(data)
+    _rows_with_a_hook(monkeypatch, lambda: os.truncate(src, len(b"".join(head))))
+    out = tmp_path / "out"
+    r = invoke(model_dir, str(src), "-o", str(out))
+    assert r.exit_code == 0, r.stderr
+    first = out_ids(out)
+    assert set(first) <= {f"a{i}" for i in range(3)} | {f"z{i}" for i in range(3)} and "a0" in first
+    monkeypatch.undo()
+    monkeypatch.setenv("TWOTOWER_CACHE_DIR", str(tmp_path / "digest-cache"))
+    src.write_bytes(data)
+    r = invoke(model_dir, str(src), "-o", str(out))
+    assert r.exit_code == 0, r.stderr
+    ids = out_ids(out)
+    assert sorted(ids) == sorted([f"a{i}" for i in range(3)] + [f"z{i}" for i in range(3)])  # each once
+
+
+@pytest.mark.xfail(strict=True, reason="io/reader.py _open_records catches OSError only: a source path with a NUL "
+                   "(Python API callers; argv cannot carry one) raises ValueError, a traceback; fix: catch "
+                   "ValueError there too (InputError 'cannot read ...: embedded null byte')")
+def test_source_path_with_nul_is_one_line(model_dir, tmp_path):
+    r = invoke(model_dir, str(tmp_path / "p\x00.jsonl"), "-o", str(tmp_path / "out"))
+    assert r.exit_code == 2
+    one_line_error(r.stderr, "null byte")
+
+
+def test_empty_source_path_is_one_line(model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = invoke(model_dir, "", "-o", str(tmp_path / "out"))
+    assert r.exit_code == 2
+    one_line_error(r.stderr)
+
+
+def test_symlink_loop_as_input(model_dir, tmp_path):
+    (tmp_path / "a.jsonl").symlink_to(tmp_path / "b.jsonl")
+    (tmp_path / "b.jsonl").symlink_to(tmp_path / "a.jsonl")
+    r = invoke(model_dir, str(tmp_path / "a.jsonl"), "-o", str(tmp_path / "out"))
+    assert r.exit_code == 2
+    one_line_error(r.stderr, "a.jsonl", "Too many levels of symbolic links")
+
+
+# ---- output paths -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["existing-file", "dangling-symlink", "symlink-loop"])
+def test_output_path_that_cannot_be_a_directory(model_dir, tmp_path, kind):
+    src = jsonl(tmp_path / "p.jsonl", GOOD)
+    out = tmp_path / "out"
+    if kind == "existing-file":
+        out.write_text("precious")
+    elif kind == "dangling-symlink":
+        out.symlink_to(tmp_path / "nowhere")
+    else:
+        out.symlink_to(tmp_path / "loop")
+        (tmp_path / "loop").symlink_to(out)
+    r = invoke(model_dir, str(src), "-o", str(out))
+    assert r.exit_code == 2
+    one_line_error(r.stderr, str(out))
+    if kind == "existing-file":
+        assert out.read_text() == "precious"
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_output_through_a_symlink_to_a_directory(model_dir, tmp_path):
+    src = jsonl(tmp_path / "p.jsonl", GOOD)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    for _ in range(2):
+        assert invoke(model_dir, str(src), "-o", str(tmp_path / "link")).exit_code == 0
+    assert sorted(out_ids(tmp_path / "real")) == [g["id"] for g in GOOD]
+
+
+@pytest.mark.parametrize("name", ["new\nline", "-leading-dash", "ctl\x01\x1b[31m\u202eend", " spaced "])
+def test_odd_output_names_work_and_resume(model_dir, tmp_path, name):
+    src = jsonl(tmp_path / "p.jsonl", GOOD)
+    out = tmp_path / name
+    for _ in range(2):
+        r = invoke(model_dir, str(src), "-o", str(out))
+        assert r.exit_code == 0, r.stderr
+    assert sorted(out_ids(out)) == [g["id"] for g in GOOD]
+
+
+@pytest.mark.xfail(strict=True, reason="options.py/commands/gen.py take -o '' as Path('') == '.', so an unset "
+                   "shell variable (-o \"$OUT\") writes the run into the current directory; fix: refuse an empty "
+                   "-o (and an empty SOURCE) in GenOptions.__post_init__ with one line")
+def test_empty_output_path_is_refused(model_dir, tmp_path, monkeypatch):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    src = jsonl(tmp_path / "p.jsonl", GOOD)
+    r = invoke(model_dir, str(src), "-o", "")
+    assert list(work.iterdir()) == [], "the run wrote into the current directory"
+    assert r.exit_code == 2
+    one_line_error(r.stderr)
+
+
+# ---- numeric flags at their extremes -------------------------------------------------------------------
+
+HUGE = "9" * 40
+
+
+@pytest.mark.parametrize("flags", [["--limit", HUGE], ["--rows-per-shard", HUGE], ["--max-batch-tokens", HUGE],
+                                   ["--max-batch-tokens", "1"], ["--log-every", "inf"], ["--limit", "1_000"]],
+                         ids=["limit", "rows-per-shard", "max-batch-tokens", "max-batch-tokens-1", "log-every-inf",
+                              "limit-underscores"])
+def test_extreme_but_harmless_flag_values_run(model_dir, tmp_path, flags):
+    src = jsonl(tmp_path / "p.jsonl", GOOD)
+    out = tmp_path / "out"
+    r = invoke(model_dir, str(src), "-o", str(out), *flags)
+    assert r.exit_code == 0, r.stderr
+    assert sorted(out_ids(out)) == [g["id"] for g in GOOD]
+
+
+@pytest.mark.parametrize("flags, words", [(["--gamma", "1e400"], "gamma must be a finite number"),
+                                          (["--num-shards", "2", "--shard-index", "2"], "--shard-index"),
+                                          (["--num-shards", "0"], "--num-shards")],
+                         ids=["gamma-overflows-to-inf", "shard-index-out-of-range", "num-shards-alone-zero"])
+def test_out_of_range_flags_are_one_line(model_dir, tmp_path, flags, words):
+    src = jsonl(tmp_path / "p.jsonl", GOOD)
+    out = tmp_path / "out"
+    r = invoke(model_dir, str(src), "-o", str(out), *flags)
+    assert r.exit_code == 2, r.stderr
+    one_line_error(r.stderr, words)
+    assert not out.exists()
+
+
+@pytest.mark.xfail(strict=True, reason="io/partition.py from_flags bounds --num-shards below only: 10^40 reaches "
+                   "the run fingerprint, where orjson refuses an integer over 64 bits (TypeError in io/rundir.py "
+                   "normalize_fingerprint, a traceback, exit 1); fix: refuse num_shards > 2^31 (or any cap) in "
+                   "from_flags with a ValueError, which plan() already turns into one line")
+def test_huge_num_shards_is_one_line(model_dir, tmp_path):
+    r = invoke(model_dir, str(jsonl(tmp_path / "p.jsonl", GOOD)), "-o", str(tmp_path / "out"),
+               "--num-shards", HUGE, "--shard-index", "0")
+    assert r.exit_code == 2
+    one_line_error(r.stderr, "--num-shards")
+
+
+@pytest.mark.xfail(strict=True, reason="options.py bounds --max-batch-rows below only: 2^40 reaches torch.zeros in "
+                   "model.new_state (RuntimeError: can't allocate, a traceback, exit 1); fix: a cap in the option "
+                   "(e.g. max=65536) or GenOptions.__post_init__ raising UserError")
+def test_huge_max_batch_rows_is_one_line(model_dir, tmp_path):
+    r = invoke(model_dir, str(jsonl(tmp_path / "p.jsonl", GOOD)), "-o", str(tmp_path / "out"),
+               "--max-batch-rows", str(2**40))
+    assert r.exit_code == 2
+    one_line_error(r.stderr, "max-batch-rows")
+
+
+@pytest.mark.xfail(strict=True, reason="options.py bounds --threads below only: 10^40 reaches torch.set_num_threads "
+                   "in commands/gen.py load (ValueError: Overflow, a traceback, exit 1); fix: a cap in the option "
+                   "(e.g. max=4096) or a UserError in gen.plan")
+def test_huge_threads_is_one_line(model_dir, tmp_path):
+    r = invoke(model_dir, str(jsonl(tmp_path / "p.jsonl", GOOD)), "-o", str(tmp_path / "out"), "--threads", HUGE)
+    assert r.exit_code == 2
+    one_line_error(r.stderr, "threads")
+
+
+@pytest.mark.xfail(strict=True, reason="commands/gen.py checks --dtype only in load(), after the output directory "
+                   "holds a manifest with dtype 'float7': the corrected rerun is refused (settings differ) until "
+                   "--overwrite; fix: check the dtype name in gen.plan (torch-free: bfloat16/float16/float32 and "
+                   "their aliases) before the directory is touched")
+def test_a_dtype_typo_does_not_bind_the_directory(model_dir, tmp_path):
+    src = jsonl(tmp_path / "p.jsonl", GOOD)
+    out = tmp_path / "out"
+    r = invoke(model_dir, str(src), "-o", str(out), "--dtype", "float7")
+    assert r.exit_code == 2
+    one_line_error(r.stderr, "unknown dtype")
+    r = invoke(model_dir, str(src), "-o", str(out), "--dtype", "float32")
+    assert r.exit_code == 0, r.stderr
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------
+
+
+def _ckpt_copy(model_dir: Path, tmp_path: Path, name: str = "ckpt") -> Path:
+    d = tmp_path / name
+    shutil.copytree(model_dir, d)
+    return d
+
+
+def test_a_same_shape_retrain_is_refused_on_resume(model_dir, tmp_path):
+    """The fingerprint covers the weights' values, not only their names and shapes."""
+    from safetensors.numpy import load_file, save_file
+
+    ck = _ckpt_copy(model_dir, tmp_path)
+    src = jsonl(tmp_path / "p.jsonl", GOOD[:2])
+    out = tmp_path / "out"
+    assert invoke(ck, str(src), "-o", str(out)).exit_code == 0
+    w = ck / "model.safetensors"
+    tensors = load_file(w)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].copy()
+    tensors[name].flat[0] += 1  # one value, same shapes, same header
+    save_file(tensors, w)
+    src = jsonl(tmp_path / "p.jsonl", GOOD)
+    r = invoke(ck, str(src), "-o", str(out))
+    assert r.exit_code == 2
+    one_line_error(r.stderr, "checkpoint", "--overwrite")
+    assert sorted(out_ids(out)) == ["g0", "g1"]
+
+
+@pytest.mark.parametrize("rename", [False, pytest.param(True, marks=pytest.mark.xfail(
+    strict=True, reason="pipeline.py fingerprint() puts the checkpoint directory's name ('model') in the run "
+    "fingerprint next to its content fingerprint, so an identical checkpoint under another name (a re-download "
+    "into another snapshot directory) is refused and only --overwrite, which discards every row, gets past it; "
+    "fix: compare 'checkpoint' (content) only and keep the name for display (rundir's fingerprint_diff ignoring "
+    "'model')"))], ids=["same-name", "renamed"])
+def test_a_moved_checkpoint_resumes(model_dir, tmp_path, rename):
+    ck = _ckpt_copy(model_dir, tmp_path, "tiny")
+    src = jsonl(tmp_path / "p.jsonl", GOOD[:2])
+    out = tmp_path / "out"
+    assert invoke(ck, str(src), "-o", str(out)).exit_code == 0
+    moved = tmp_path / "elsewhere" / ("tiny-copy" if rename else "tiny")
+    moved.parent.mkdir()
+    shutil.move(ck, moved)
+    src = jsonl(tmp_path / "p.jsonl", GOOD)
+    r = invoke(moved, str(src), "-o", str(out))
+    assert r.exit_code == 0, r.stderr
+    assert summary(r.stdout)["rows_written"] == len(GOOD) - 2
+    assert sorted(out_ids(out)) == [g["id"] for g in GOOD]
+
+
+def _break(d: Path, kind: str) -> None:
+    if kind == "truncated-weights":
+        w = d / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:-1000])
+    elif kind == "config-not-json":
+        (d / "config.json").write_text("{not json")
+    elif kind == "config-a-list":
+        (d / "config.json").write_text("[]")
+    elif kind == "index-escapes-the-directory":
+        (d / "model.safetensors.index.json").write_text('{"weight_map": {"a": "../../etc/passwd"}}')
+    elif kind == "header-not-json":
+        w = d / "model.safetensors"
+        b = bytearray(w.read_bytes())
+        b[8:20] = b"{" * 12
+        w.write_bytes(bytes(b))
+    elif kind == "tokenizer-empty-object":
+        (d / "tokenizer.json").write_text("{}")
+    elif kind == "weights-a-fifo":
+        (d / "model.safetensors").unlink()
+        os.mkfifo(d / "model.safetensors")
+
+
+BROKEN_CHECKPOINTS = ["truncated-weights", "config-not-json", "config-a-list", "index-escapes-the-directory",
+                      "header-not-json", "tokenizer-empty-object", "weights-a-fifo"]
+
+
+@pytest.mark.parametrize("kind", BROKEN_CHECKPOINTS)
+def test_broken_checkpoints_are_one_line(model_dir, tmp_path, kind):
+    ck = _ckpt_copy(model_dir, tmp_path)
+    _break(ck, kind)
+    src = jsonl(tmp_path / "p.jsonl", GOOD)
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    r = invoke(ck, str(src), "-o", str(out))
+    assert time.monotonic() - t0 < 60
+    assert r.exit_code == 2, r.stderr
+    one_line_error(r.stderr)
+    assert out_ids(out) == [] if out.exists() else True
+
+
+@pytest.mark.xfail(strict=True, reason="a run that fails before its first row (here: truncated weights) leaves a "
+                   "manifest binding the directory to that checkpoint's fingerprint, so the repaired checkpoint "
+                   "is refused until --overwrite; fix (io/rundir.py, RunDir open): a directory with no committed "
+                   "row adopts the new fingerprint instead of refusing")
+def test_a_repaired_checkpoint_is_not_refused_by_an_empty_directory(model_dir, tmp_path):
+    ck = _ckpt_copy(model_dir, tmp_path)
+    good = (ck / "model.safetensors").read_bytes()
+    _break(ck, "truncated-weights")
+    src = jsonl(tmp_path / "p.jsonl", GOOD)
+    out = tmp_path / "out"
+    assert invoke(ck, str(src), "-o", str(out)).exit_code == 2
+    (ck / "model.safetensors").write_bytes(good)
+    r = invoke(ck, str(src), "-o", str(out))
+    assert r.exit_code == 0, r.stderr
+
+
+# ---- the environment ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["a-file", "under-proc", "corrupt-cache-file"])
+def test_a_bad_digest_cache_never_fails_the_run(model_dir, tmp_path, monkeypatch, kind):
+    src = jsonl(tmp_path / "p.jsonl", GOOD)
+    if kind == "a-file":
+        monkeypatch.setenv("TWOTOWER_CACHE_DIR", str(src))
+    elif kind == "under-proc":
+        monkeypatch.setenv("TWOTOWER_CACHE_DIR", "/proc/twotower-cache")
+    else:
+        cache = tmp_path / "digest-cache"
+        cache.mkdir(exist_ok=True)
+        (cache / "weights-sha256.json").write_bytes(b"\x00garbage{")
+    out = tmp_path / "out"
+    for _ in range(2):
+        r = invoke(model_dir, str(src), "-o", str(out))
+        assert r.exit_code == 0 and r.stderr == "", r.stderr
+    assert sorted(out_ids(out)) == [g["id"] for g in GOOD] and src.read_bytes().startswith(b'{"id"')
