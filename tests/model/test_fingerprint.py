@@ -331,3 +331,11 @@ def test_the_header_fingerprint_of_earlier_versions_is_kept_for_migration(tmp_pa
     assert header_fingerprint(a) == header_fingerprint(b) and len(header_fingerprint(a)) == 16
     assert fingerprint(a) != fingerprint(b)
     assert header_fingerprint(a) != fingerprint(a)
+
+
+def test_on_hash_says_when_a_file_is_read_in_full(tmp_path):
+    a = make_ckpt(tmp_path / "a")
+    seen = []
+    fp = fingerprint(a, on_hash=lambda f, n: seen.append((f.name, n)))
+    assert seen == [("model.safetensors", (a / "model.safetensors").stat().st_size)]
+    assert fingerprint(a, on_hash=lambda f, n: seen.append(f)) == fp and len(seen) == 1  # a hit: not called

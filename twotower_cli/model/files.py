@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import UserError
@@ -69,13 +70,14 @@ def weight_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
     raise CheckpointError(f"no weights in {root}: expected {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
 
-def fingerprint(path: str | os.PathLike) -> str:
+def fingerprint(path: str | os.PathLike, *, on_hash: Callable[[Path, int], None] | None = None) -> str:
     """A short stable hash of a checkpoint's contents, not of where it is: moving or copying a
     checkpoint keeps it, a retrain of the same shapes changes it.
 
     Covers config.json, the shard index, the tokenizer files and every safetensors file's name and
     content (a digest of all its bytes, cached per user by `content_hash`: a checkpoint is read in
     full once, at about 1 GB/s, then only stat'ed). A weight file with a broken header is refused here.
+    `on_hash(file, size)` is called before a weight file is read in full (not on a cache hit).
     """
     root = checkpoint_dir(path)
     files, _ = weight_files(root)
@@ -89,7 +91,7 @@ def fingerprint(path: str | os.PathLike) -> str:
         size = _check_header(f)
         h.update(f"{f.name}\0{size}\0".encode())
         try:
-            h.update(content_hash.file_digest(f).encode())
+            h.update(content_hash.file_digest(f, on_miss=on_hash).encode())
         except OSError as e:
             raise CheckpointError(f"cannot read {f}: {e.strerror or e}") from None
     return h.hexdigest()[:16]
