@@ -51,7 +51,7 @@ Model = Annotated[Path | None, typer.Option(
     "--model", metavar="DIR", show_default=False, rich_help_panel=MODEL,
     help="Checkpoint directory (default: the embedded tiny model).")]
 Threads = Annotated[int | None, typer.Option(
-    "--threads", metavar="N", min=1, show_default=False, rich_help_panel=MODEL,
+    "--threads", metavar="N", min=1, max=4096, show_default=False, rich_help_panel=MODEL,
     help=f"Torch CPU threads of this process (default: {DEFAULT_THREADS}, at most the CPUs available; "
          "raise it for a big model on an idle many-core machine).")]
 BlockSize = Annotated[int, typer.Option(
@@ -67,7 +67,7 @@ MaxNewTokens = Annotated[int, typer.Option(
 
 Source = Annotated[str, typer.Argument(
     metavar="SOURCE", show_default=False, help="Prompts: a JSONL or Parquet file, or - for stdin.")]
-Out = Annotated[Path, typer.Option(
+Out = Annotated[str, typer.Option(
     "--out", "-o", metavar="DIR", rich_help_panel=IO,
     help="Output directory (shards in --format; resumable), or - to stream rows to stdout as JSON "
          "lines (the output columns, in completion order, flushed per row; the summary goes to "
@@ -118,7 +118,7 @@ Dtype = Annotated[str | None, typer.Option(
     "--dtype", metavar="DTYPE", show_default=False, rich_help_panel=MODEL,
     help="Weight dtype (default: float32 on CPU, the checkpoint's on CUDA).")]
 MaxBatchRows = Annotated[int, typer.Option(
-    "--max-batch-rows", metavar="N", min=1, rich_help_panel=MODEL, help="Rows decoded together.")]
+    "--max-batch-rows", metavar="N", min=1, max=65536, rich_help_panel=MODEL, help="Rows decoded together.")]
 MaxBatchTokens = Annotated[int, typer.Option(
     "--max-batch-tokens", metavar="N", min=1, rich_help_panel=MODEL,
     help="Padded prompt tokens per batched prefill.")]
@@ -197,6 +197,14 @@ class GenOptions:
     regenerate_changed: bool = False
 
     def __post_init__(self) -> None:
+        if not str(self.source):
+            raise UserError("SOURCE is empty: give a file, or - for stdin")
+        if isinstance(self.out, str):  # from the command line: '' is an unset variable, not '.'
+            if not self.out:
+                raise UserError("-o is empty (an unset shell variable?): give a directory, or - for stdout")
+            if "\x00" in self.out:
+                raise UserError("-o holds a null byte: no file name can")
+            object.__setattr__(self, "out", Path(self.out))
         if self.format is not None and self.format not in FORMATS:
             raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.format == "parquet" and str(self.out) == "-":

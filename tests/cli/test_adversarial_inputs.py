@@ -710,10 +710,6 @@ def _fifo_run(model_dir: Path, tmp_path: Path):
     return hung, result["r"], out
 
 
-@pytest.mark.xfail(strict=True, reason="commands/gen.py count_input_rows reads a FIFO to its end (the input is "
-                   "gone, then the reader waits forever for a writer), and io/reader.py _open_records seeks "
-                   "(a FIFO, /dev/stdin or <(zcat ...) is refused: not seekable); fix: count regular files "
-                   "only, and read any non-regular file as stdin is read (peek, no seek)")
 def test_fifo_as_input_reads_every_row_once(model_dir, tmp_path):
     hung, r, out = _fifo_run(model_dir, tmp_path)
     assert not hung, "the run hung on the FIFO"
@@ -781,9 +777,6 @@ def test_input_truncated_mid_read_keeps_what_was_read_and_resumes(model_dir, tmp
     assert sorted(ids) == sorted([f"a{i}" for i in range(3)] + [f"z{i}" for i in range(3)])  # each once
 
 
-@pytest.mark.xfail(strict=True, reason="io/reader.py _open_records catches OSError only: a source path with a NUL "
-                   "(Python API callers; argv cannot carry one) raises ValueError, a traceback; fix: catch "
-                   "ValueError there too (InputError 'cannot read ...: embedded null byte')")
 def test_source_path_with_nul_is_one_line(model_dir, tmp_path):
     r = invoke(model_dir, str(tmp_path / "p\x00.jsonl"), "-o", str(tmp_path / "out"))
     assert r.exit_code == 2
@@ -846,9 +839,6 @@ def test_odd_output_names_work_and_resume(model_dir, tmp_path, name):
     assert sorted(out_ids(out)) == [g["id"] for g in GOOD]
 
 
-@pytest.mark.xfail(strict=True, reason="options.py/commands/gen.py take -o '' as Path('') == '.', so an unset "
-                   "shell variable (-o \"$OUT\") writes the run into the current directory; fix: refuse an empty "
-                   "-o (and an empty SOURCE) in GenOptions.__post_init__ with one line")
 def test_empty_output_path_is_refused(model_dir, tmp_path, monkeypatch):
     work = tmp_path / "cwd"
     work.mkdir()
@@ -890,10 +880,6 @@ def test_out_of_range_flags_are_one_line(model_dir, tmp_path, flags, words):
     assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="io/partition.py from_flags bounds --num-shards below only: 10^40 reaches "
-                   "the run fingerprint, where orjson refuses an integer over 64 bits (TypeError in io/rundir.py "
-                   "normalize_fingerprint, a traceback, exit 1); fix: refuse num_shards > 2^31 (or any cap) in "
-                   "from_flags with a ValueError, which plan() already turns into one line")
 def test_huge_num_shards_is_one_line(model_dir, tmp_path):
     r = invoke(model_dir, str(jsonl(tmp_path / "p.jsonl", GOOD)), "-o", str(tmp_path / "out"),
                "--num-shards", HUGE, "--shard-index", "0")
@@ -901,9 +887,6 @@ def test_huge_num_shards_is_one_line(model_dir, tmp_path):
     one_line_error(r.stderr, "--num-shards")
 
 
-@pytest.mark.xfail(strict=True, reason="options.py bounds --max-batch-rows below only: 2^40 reaches torch.zeros in "
-                   "model.new_state (RuntimeError: can't allocate, a traceback, exit 1); fix: a cap in the option "
-                   "(e.g. max=65536) or GenOptions.__post_init__ raising UserError")
 def test_huge_max_batch_rows_is_one_line(model_dir, tmp_path):
     r = invoke(model_dir, str(jsonl(tmp_path / "p.jsonl", GOOD)), "-o", str(tmp_path / "out"),
                "--max-batch-rows", str(2**40))
@@ -911,19 +894,12 @@ def test_huge_max_batch_rows_is_one_line(model_dir, tmp_path):
     one_line_error(r.stderr, "max-batch-rows")
 
 
-@pytest.mark.xfail(strict=True, reason="options.py bounds --threads below only: 10^40 reaches torch.set_num_threads "
-                   "in commands/gen.py load (ValueError: Overflow, a traceback, exit 1); fix: a cap in the option "
-                   "(e.g. max=4096) or a UserError in gen.plan")
 def test_huge_threads_is_one_line(model_dir, tmp_path):
     r = invoke(model_dir, str(jsonl(tmp_path / "p.jsonl", GOOD)), "-o", str(tmp_path / "out"), "--threads", HUGE)
     assert r.exit_code == 2
     one_line_error(r.stderr, "threads")
 
 
-@pytest.mark.xfail(strict=True, reason="commands/gen.py checks --dtype only in load(), after the output directory "
-                   "holds a manifest with dtype 'float7': the corrected rerun is refused (settings differ) until "
-                   "--overwrite; fix: check the dtype name in gen.plan (torch-free: bfloat16/float16/float32 and "
-                   "their aliases) before the directory is touched")
 def test_a_dtype_typo_does_not_bind_the_directory(model_dir, tmp_path):
     src = jsonl(tmp_path / "p.jsonl", GOOD)
     out = tmp_path / "out"
@@ -964,12 +940,7 @@ def test_a_same_shape_retrain_is_refused_on_resume(model_dir, tmp_path):
     assert sorted(out_ids(out)) == ["g0", "g1"]
 
 
-@pytest.mark.parametrize("rename", [False, pytest.param(True, marks=pytest.mark.xfail(
-    strict=True, reason="pipeline.py fingerprint() puts the checkpoint directory's name ('model') in the run "
-    "fingerprint next to its content fingerprint, so an identical checkpoint under another name (a re-download "
-    "into another snapshot directory) is refused and only --overwrite, which discards every row, gets past it; "
-    "fix: compare 'checkpoint' (content) only and keep the name for display (rundir's fingerprint_diff ignoring "
-    "'model')"))], ids=["same-name", "renamed"])
+@pytest.mark.parametrize("rename", [False, True], ids=["same-name", "renamed"])
 def test_a_moved_checkpoint_resumes(model_dir, tmp_path, rename):
     ck = _ckpt_copy(model_dir, tmp_path, "tiny")
     src = jsonl(tmp_path / "p.jsonl", GOOD[:2])
@@ -1025,10 +996,6 @@ def test_broken_checkpoints_are_one_line(model_dir, tmp_path, kind):
     assert out_ids(out) == [] if out.exists() else True
 
 
-@pytest.mark.xfail(strict=True, reason="a run that fails before its first row (here: truncated weights) leaves a "
-                   "manifest binding the directory to that checkpoint's fingerprint, so the repaired checkpoint "
-                   "is refused until --overwrite; fix (io/rundir.py, RunDir open): a directory with no committed "
-                   "row adopts the new fingerprint instead of refusing")
 def test_a_repaired_checkpoint_is_not_refused_by_an_empty_directory(model_dir, tmp_path):
     ck = _ckpt_copy(model_dir, tmp_path)
     good = (ck / "model.safetensors").read_bytes()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import sys
 import warnings
 from pathlib import Path
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 # torch, the model and the pipeline are imported by the functions that use them: `twotower gen
 # --help`, a flag error and a no-op rerun need none of them.
 
+_DTYPE_RE = re.compile(r"^(torch\.)?(bfloat16|float16|float32|float64|half|float|double|bf16|fp16|fp32)$")
 _DEVICE_RE = re.compile(r"^(cpu|cuda|mps|xpu|meta|hpu|xla|privateuseone)(:\d+)?$")
 
 
@@ -39,6 +41,11 @@ def count_input_rows(source: str, limit: int | None) -> int | None:
     if source == "-":
         return limit
     p = Path(source)
+    try:
+        if not stat.S_ISREG(os.stat(p).st_mode):
+            return limit  # a FIFO, a device, <(zcat ...): counting would consume it
+    except (OSError, ValueError):
+        return None
     try:
         with open(p, "rb") as f:
             head = f.read(4)
@@ -90,6 +97,9 @@ def plan(run: GenOptions, decode: DecodeParams, placement: Placement, scale: Sca
         partition = from_flags(scale.num_shards, scale.shard_index)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if placement.dtype is not None and _DTYPE_RE.match(placement.dtype.lower()) is None:
+        # checked here, torch-free, before the directory is touched (load() resolves the name)
+        raise UserError(f"unknown dtype {placement.dtype!r}; use bfloat16, float16 or float32")
     if (placement.ctx_device or placement.den_device) and placement.device:
         raise UserError("give --device, or --ctx-device/--den-device, not both")
     for d in (placement.device, placement.ctx_device, placement.den_device):

@@ -73,6 +73,9 @@ def parse_tag(tag: str) -> Partition | None:
         return None
 
 
+MAX_SHARDS = 1 << 20  # tasks of one job array
+
+
 def from_flags(num_shards: int | None, shard_index: int | None) -> Partition | None:
     """The CLI's two flags -> a Partition, None for an unpartitioned run. Raises ValueError with
     a one-line message for a bad combination (the CLI exits 2 with it)."""
@@ -80,5 +83,7 @@ def from_flags(num_shards: int | None, shard_index: int | None) -> Partition | N
         return None
     if num_shards is None or shard_index is None:
         raise ValueError("--num-shards and --shard-index go together: give both or neither")
+    if num_shards > MAX_SHARDS:
+        raise ValueError(f"--num-shards must be at most {MAX_SHARDS}, got {num_shards}")
     p = Partition(shard_index, num_shards)
     return None if p.count == 1 else p

@@ -40,7 +40,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import shutil
+import stat
 import sys
 import tempfile
 import zlib
@@ -216,30 +218,42 @@ def _open_records(source: str | Path, prompt_field: str, id_field: str) -> tuple
         stream = getattr(sys.stdin, "buffer", sys.stdin)
         if not hasattr(stream, "peek"):
             stream = io.BufferedReader(stream)  # so the format can be sniffed without consuming it
-        head = stream.peek(4)[:4]
-        if head.startswith(_PARQUET_MAGIC):
-            # Parquet keeps its index at the end of the file, so it cannot be streamed from a pipe:
-            # spool to a temporary file (disk, not memory) and read that.
-            spool = tempfile.TemporaryFile(prefix="twotower-stdin-", suffix=".parquet")
-            shutil.copyfileobj(stream, spool, 1 << 20)
-            spool.seek(0)
-            return _parquet_records(spool, "<stdin>", prompt_field, id_field), _next_record
-        if head.startswith(_GZIP_MAGIC):
-            stream = gzip.GzipFile(fileobj=stream, mode="rb")
-        return _jsonl_records(stream, close=False, name="<stdin>"), _peek_more(stream)
+        return _stream_records(stream, "<stdin>", prompt_field, id_field, close=False)
     path = Path(source)
     name = _display(path)
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed by the generator that owns it
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            # a FIFO, a device, <(zcat ...): read once, as stdin is (no seek)
+            return _stream_records(f, name, prompt_field, id_field, close=True)
         head = f.read(4)
         f.seek(0)
-    except OSError as e:
-        raise InputError(f"cannot read {name}: {e.strerror or e}") from None
+    except (OSError, ValueError) as e:  # ValueError: a path with a NUL byte
+        raise InputError(f"cannot read {name}: {getattr(e, 'strerror', None) or e}") from None
     if head == _PARQUET_MAGIC or path.suffix.lower() in (".parquet", ".pq"):
         return _parquet_records(f, name, prompt_field, id_field), _next_record
     if head.startswith(_GZIP_MAGIC):
         return _jsonl_records(gzip.GzipFile(fileobj=f, mode="rb"), close=True, owner=f, name=name), _next_record
     return _jsonl_records(f, close=True, name=name), _next_record
+
+
+def _stream_records(stream: Any, name: str, prompt_field: str, id_field: str,
+                    close: bool) -> tuple[Iterator[_Record], _More]:
+    """A source that can be read only once (stdin, a pipe): sniffed with peek, never seeked."""
+    head = stream.peek(4)[:4]
+    if head.startswith(_PARQUET_MAGIC):
+        # Parquet keeps its index at the end of the file, so it cannot be streamed from a pipe:
+        # spool to a temporary file (disk, not memory) and read that.
+        spool = tempfile.TemporaryFile(prefix="twotower-stdin-", suffix=".parquet")
+        shutil.copyfileobj(stream, spool, 1 << 20)
+        spool.seek(0)
+        if close:
+            stream.close()
+        return _parquet_records(spool, name, prompt_field, id_field), _next_record
+    owner = stream if close else None
+    if head.startswith(_GZIP_MAGIC):
+        stream = gzip.GzipFile(fileobj=stream, mode="rb")
+    return _jsonl_records(stream, close=close, owner=owner, name=name), _peek_more(stream)
 
 
 def _jsonl_records(f: IO[bytes], *, close: bool, owner: IO[bytes] | None = None,

@@ -196,10 +196,16 @@ def _show(v: Any) -> str:
 _ABSENT = object()
 
 
+# Fingerprint fields kept for display only: the checkpoint directory's name (its content is the
+# `checkpoint` field), so an identical checkpoint under another name resumes.
+DISPLAY_ONLY = frozenset({"model"})
+
+
 def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Differing fields of two fingerprints, nested dicts flattened to dotted keys."""
+    """Differing fields of two fingerprints, nested dicts flattened to dotted keys (display-only
+    fields excepted)."""
     a, b = _flatten(old), _flatten(new)
-    keys = sorted(a.keys() | b.keys())
+    keys = sorted((a.keys() | b.keys()) - DISPLAY_ONLY)
     return {k: (a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in keys if a.get(k, _ABSENT) != b.get(k, _ABSENT)}
 
 
@@ -550,7 +556,13 @@ class RunDir:
                 why = f"its {mine} is unreadable ({bad_manifest})" if bad_manifest else f"it has no {mine}"
                 raise RunDirError(f"{self.out_dir} holds twotower outputs but {why}; pass --overwrite")
         elif not overwrite:
-            self._check_compatible(manifest)
+            if not others and _nothing_committed(manifest) and self._incompatible(manifest):
+                # e.g. a run that failed before its first row (a broken checkpoint, a typo): with
+                # no committed row there is nothing to protect, so the repaired run starts afresh
+                overwrite = True
+                self.notes.append(f"{self.out_dir} held no committed row of its earlier settings: started afresh")
+            else:
+                self._check_compatible(manifest)
         # Other layouts: refused when written with other settings, or cleared by --overwrite. Every
         # manifest was checked against those present when it was written (under `.lock`), so they
         # all agree and checking one of them is enough: a job array of N tasks opening at once
@@ -862,6 +874,13 @@ class RunDir:
 
 Groups = list[tuple[Any, np.ndarray, np.ndarray]]  # (DoneSet group key, key hashes, input hashes)
 LINE_GROUP_ROWS = 1_000  # lines of a JSON-lines shard per DoneSet group (what a lazy confirmation reads)
+
+
+def _nothing_committed(m: dict[str, Any]) -> bool:
+    """A manifest of a run that committed no row (its shards, if any, are empty)."""
+    shards = m.get("shards")
+    return isinstance(shards, list) and all(isinstance(x, dict) and x.get("rows") == 0 for x in shards) \
+        and not m.get("rewrites")
 
 
 def _verify_shard(path: Path, expected: pa.Schema) -> tuple[Groups, int]:
