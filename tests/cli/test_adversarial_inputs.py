@@ -490,7 +490,6 @@ USAGE_CASES = {
     "gamma-fullwidth-digits": (["--gamma", "\uff10.\uff15"], "'--gamma'"),
     "max-batch-rows-zero": (["--max-batch-rows", "0"], "'--max-batch-rows'"),
     "extra-argument": (["extra"], "unexpected extra argument"),
-    "out-with-nul": (["-o", "out\x00x"], "null byte"),
     "model-with-nul": (["--model", "m\x00"], "null byte"),
 }
 
@@ -837,6 +836,12 @@ def test_odd_output_names_work_and_resume(model_dir, tmp_path, name):
         r = invoke(model_dir, str(src), "-o", str(out))
         assert r.exit_code == 0, r.stderr
     assert sorted(out_ids(out)) == [g["id"] for g in GOOD]
+
+
+def test_output_path_with_nul_is_one_line(model_dir, tmp_path):
+    r = invoke(model_dir, str(jsonl(tmp_path / "p.jsonl", GOOD)), "-o", str(tmp_path / "out\x00x"))
+    assert r.exit_code == 2
+    one_line_error(r.stderr, "null byte")
 
 
 def test_empty_output_path_is_refused(model_dir, tmp_path, monkeypatch):
