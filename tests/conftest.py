@@ -1,6 +1,7 @@
 """Shared pytest setup."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 # several OpenMP threads spin against each other (measured: a tiny forward 4 ms with one thread,
 # 870 ms with two on a loaded 2-core box). Override with TWOTOWER_TEST_THREADS.
 torch.set_num_threads(int(os.environ.get("TWOTOWER_TEST_THREADS", "1")))
+# The checkpoint digest cache (model/content_hash.py): never the user's real ~/.cache in tests.
+os.environ.setdefault("TWOTOWER_CACHE_DIR", tempfile.mkdtemp(prefix="twotower-test-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -92,7 +92,8 @@ def plan(run: GenOptions, decode: DecodeParams, placement: Placement, scale: Sca
     if path is None:
         raise UserError("no --model given and this build has no embedded model")
     _check_utf8_name(path, "the --model directory")
-    fp = ckpt.fingerprint(path)  # a missing or broken checkpoint is one line, exit 2
+    # a missing or broken checkpoint is one line, exit 2; a big weight file is hashed once (cached)
+    fp = ckpt.fingerprint(path, on_hash=None if run.quiet else _hashing_note)
     try:
         partition = from_flags(scale.num_shards, scale.shard_index)
     except ValueError as e:
@@ -120,6 +121,12 @@ def plan(run: GenOptions, decode: DecodeParams, placement: Placement, scale: Sca
         overwrite=run.overwrite, partition=partition, ar_score=run.ar_score, dtype=placement.dtype,
         format=run.output_format, regenerate_changed=run.regenerate_changed,
     )
+
+
+def _hashing_note(file: Path, size: int) -> None:
+    if size >= 1 << 30:
+        print(f"note: hashing {file.name} ({size / 2**30:.1f} GiB) for the run fingerprint; once per file "
+              "(cached per user)", file=sys.stderr, flush=True)
 
 
 def _check_utf8_name(path: str | os.PathLike, what: str) -> None:
