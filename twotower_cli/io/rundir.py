@@ -1094,13 +1094,26 @@ class DoneSet:
     def freeze(self) -> None:
         if not self._pending:
             return
-        h = np.concatenate([self._h, *(p[0] for p in self._pending)])
-        loc = np.concatenate([self._loc, *(np.full(len(p[0]), p[2], dtype=np.uint32) for p in self._pending)])
-        inp = np.concatenate([self._inp, *(p[1] for p in self._pending)])
-        self._pending = []
+        # Frugal with memory (a resume's peak RSS): the groups are copied into preallocated arrays
+        # and dropped one by one, and the arrays are put in order one at a time.
+        n = len(self._h) + sum(len(p[0]) for p in self._pending)
+        h, loc, inp = np.empty(n, np.uint64), np.empty(n, np.uint32), np.empty(n, np.uint64)
+        at = len(self._h)
+        h[:at], loc[:at], inp[:at] = self._h, self._loc, self._inp
+        self._h = self._loc = self._inp = None
+        pending, self._pending = self._pending, []
+        pending.reverse()
+        while pending:
+            hashes, inputs, group = pending.pop()
+            h[at:at + len(hashes)], loc[at:at + len(hashes)], inp[at:at + len(hashes)] = hashes, group, inputs
+            at += len(hashes)
+            del hashes, inputs
         order = np.argsort(h, kind="stable")
-        self._h, self._loc, self._inp = h[order], loc[order], inp[order]
-        del h, loc, inp, order
+        h = h[order]
+        loc = loc[order]
+        inp = inp[order]
+        del order
+        self._h, self._loc, self._inp = h, loc, inp
         same = np.flatnonzero(self._h[1:] == self._h[:-1])
         # equal hashes: the same id in two shards, or (2^-64 odds) two ids that collide
         self._dup = np.array([i + 1 for i in same if self._with_hash(i) & self._with_hash(i + 1)], dtype=np.int64)
