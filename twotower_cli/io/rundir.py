@@ -556,7 +556,8 @@ class RunDir:
                 why = f"its {mine} is unreadable ({bad_manifest})" if bad_manifest else f"it has no {mine}"
                 raise RunDirError(f"{self.out_dir} holds twotower outputs but {why}; pass --overwrite")
         elif not overwrite:
-            if not others and _nothing_committed(manifest) and self._incompatible(manifest):
+            if (not others and _nothing_committed(manifest) and manifest.get("schema_version") == SCHEMA_VERSION
+                    and fingerprint_diff(manifest.get("fingerprint") or {}, self.fingerprint)):
                 # e.g. a run that failed before its first row (a broken checkpoint, a typo): with
                 # no committed row there is nothing to protect, so the repaired run starts afresh
                 overwrite = True
