@@ -321,18 +321,6 @@ def test_a_bad_header_is_still_refused(tmp_path):
         fingerprint(a)
 
 
-def test_the_header_fingerprint_of_earlier_versions_is_kept_for_migration(tmp_path):
-    """`header_fingerprint` is the old value (run directories written before content fingerprints
-    carry it): blind to a same-shape retrain, which `fingerprint` sees."""
-    from twotower_cli.model.files import header_fingerprint
-
-    a = make_ckpt(tmp_path / "a")
-    b = make_ckpt(tmp_path / "b", values=(9.0, 2.0, 3.0, 4.0))
-    assert header_fingerprint(a) == header_fingerprint(b) and len(header_fingerprint(a)) == 16
-    assert fingerprint(a) != fingerprint(b)
-    assert header_fingerprint(a) != fingerprint(a)
-
-
 def test_on_hash_says_when_a_file_is_read_in_full(tmp_path):
     a = make_ckpt(tmp_path / "a")
     seen = []

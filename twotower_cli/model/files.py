@@ -97,30 +97,6 @@ def fingerprint(path: str | os.PathLike, *, on_hash: Callable[[Path, int], None]
     return h.hexdigest()[:16]
 
 
-def header_fingerprint(path: str | os.PathLike) -> str:
-    """The fingerprint of earlier versions (config, index, tokenizer files, and each weight file's
-    name, size and header, not its values): kept so that a run directory written before content
-    fingerprints can be recognised and carried over on resume, never for a new run."""
-    root = checkpoint_dir(path)
-    files, _ = weight_files(root)
-    h = hashlib.sha256()
-    for name in ("config.json", INDEX_FILE, *TOKENIZER_FILES):
-        f = root / name
-        if f.is_file():
-            h.update(f"{name}\0".encode())
-            h.update(_read(f))
-    for f in files:
-        size = _check_header(f)
-        h.update(f"{f.name}\0{size}\0".encode())
-        try:
-            with content_hash.open_regular(f) as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                h.update(fh.read(n))
-        except OSError as e:
-            raise CheckpointError(f"cannot read {f}: {e.strerror or e}") from None
-    return h.hexdigest()[:16]
-
-
 def _read(f: Path) -> bytes:
     try:
         return f.read_bytes()
