@@ -98,15 +98,13 @@ class Batcher:
     @staticmethod
     def samples(req: Request) -> list[Request]:
         """One request per sample still to do of the row (PromptRow.samples), each with its own seed
-        (engine.request.sample_seed) and its own stop matcher (a matcher counts its own work)."""
+        (engine.request.sample_seed); they share the tokens and the stop matcher."""
         row = req.meta
         ks = row.samples if isinstance(row, PromptRow) else (0,)
         if list(ks) == [0]:
             return [req]
         p = req.params
-        return [dc_replace(req, params=p.replace(seed=sample_seed(p.seed, req.id, k)), sample_index=k,
-                           stop=StopMatcher(req.stop.stops, req.stop.decode) if req.stop else None)
-                for k in ks]
+        return [dc_replace(req, params=p.replace(seed=sample_seed(p.seed, req.id, k)), sample_index=k) for k in ks]
 
     # ---- chat templates ----------------------------------------------------------------------------
 
