@@ -33,3 +33,18 @@ def model_dir(tmp_path_factory) -> Path:
     save_pretrained(m, d)
     save_tokenizer(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def no_eos_model_dir(model_dir, tmp_path_factory) -> Path:
+    """The same weights with the EOS id set to the mask id, which diffusion never proposes: every
+    diffusion row runs to its max_new_tokens (long rows in flight; rows a stop string can end)."""
+    import json
+    import shutil
+
+    d = tmp_path_factory.mktemp("ckpt") / "tiny-no-eos"
+    shutil.copytree(model_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["eos_token_id"] = 3
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d

@@ -29,16 +29,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def ckpt(model_dir, tmp_path_factory) -> Path:
-    """The session's random checkpoint with the EOS id set to the mask id (never proposed)."""
-    import shutil
-
-    d = tmp_path_factory.mktemp("ckpt") / "tiny-no-eos"
-    shutil.copytree(model_dir, d)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["eos_token_id"] = 3
-    (d / "config.json").write_text(json.dumps(cfg))
-    return d
+def ckpt(no_eos_model_dir) -> Path:
+    return no_eos_model_dir
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -8,7 +8,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -37,18 +36,6 @@ runner = CliRunner()
 
 
 # ---- fixtures and helpers -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def no_eos_model_dir(model_dir, tmp_path_factory) -> Path:
-    """The same weights with the EOS id set to the mask id, which diffusion never proposes: every
-    diffusion row runs to its max_new_tokens (long rows in flight, for the signal tests)."""
-    d = tmp_path_factory.mktemp("ckpt") / "tiny-no-eos"
-    shutil.copytree(model_dir, d)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["eos_token_id"] = 3
-    (d / "config.json").write_text(json.dumps(cfg))
-    return d
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
